@@ -1,0 +1,48 @@
+# attnserve entry points. `make serve` and `make test` are the two commands a
+# fresh clone needs; everything else is reached from them or for developers.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON_BOOT ?= python3
+VENV        ?= .venv
+PY          := $(VENV)/bin/python
+PIP         := $(PY) -m pip
+# The CPU torch wheel lies on local disk; pinning it first (and constraining every
+# later install to it) keeps pip from ever resolving a multi-GB CUDA build.
+TORCH_WHEELS ?= /opt/wheels
+TORCH_PIN    := torch==2.13.0
+CONSTRAINTS  := requirements/constraints.txt
+MODEL_CACHE  ?= .cache/models
+STAMP        := $(VENV)/.installed
+PYTEST_ARGS  ?=
+
+.PHONY: help install model generate test lint clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml $(CONSTRAINTS)
+	test -x $(PY) || $(PYTHON_BOOT) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet --find-links $(TORCH_WHEELS) $(TORCH_PIN)
+	$(PIP) install --quiet --find-links $(TORCH_WHEELS) -c $(CONSTRAINTS) -e '.[test,dev]'
+	touch $(STAMP)
+
+install: $(STAMP)  ## create .venv with torch (CPU, local wheel), the project and its extras
+
+model: $(STAMP)  ## fetch the default model (SmolLM2-135M-Instruct GGUF) and print its path
+	@$(PY) -m model.fetch --cache-dir $(MODEL_CACHE)
+
+PROMPT ?= What is the capital of France?
+generate: install model  ## generate a reply on the default model, no server: make generate PROMPT="..."
+	$(PY) -m model generate "$(PROMPT)"
+
+test: install model  ## install what is missing, then run the suite
+	$(PY) -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS)
+
+lint: install  ## ruff
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+clean:  ## remove the venv and caches (keeps the downloaded model)
+	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

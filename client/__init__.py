@@ -1,0 +1,1 @@
+"""attnserve's Python client: grpc and the generated stubs only (no torch)."""

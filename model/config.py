@@ -1,0 +1,308 @@
+"""Model configuration: one frozen dataclass for every Llama-family shape.
+
+Built from a Hugging Face ``config.json``, from GGUF metadata, or by name from
+the registry of shapes used for dummy (random) weights in tests and benchmarks.
+Validation lives in ``__post_init__`` and does no I/O.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from model.errors import ModelLoadError
+
+# Architectures whose decoder is ours (see model/llama.py). Qwen2 differs only by a qkv bias.
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
+
+_HF_ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+}
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """RoPE frequency scaling, as in HF ``rope_scaling`` (types: linear, llama3)."""
+
+    rope_type: str
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    def __post_init__(self) -> None:
+        if self.rope_type not in ("linear", "llama3"):
+            raise ValueError(f"rope_scaling type {self.rope_type!r} is not supported (supported: linear, llama3)")
+        if self.factor <= 0:
+            raise ValueError(f"rope_scaling factor must be > 0, got {self.factor}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The shape and hyper-parameters of a Llama-family decoder."""
+
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
+    name: str = "unnamed"
+
+    def __post_init__(self) -> None:
+        if self.architecture not in SUPPORTED_ARCHITECTURES:
+            raise ValueError(
+                f"architecture {self.architecture!r} is not supported (supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
+            )
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+            "max_position_embeddings",
+        ):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
+        if self.rms_norm_eps <= 0 or self.rope_theta <= 0:
+            raise ValueError("rms_norm_eps and rope_theta must be > 0")
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+    def num_parameters(self) -> int:
+        """Parameter count (embedding counted once when tied)."""
+        h, i, v = self.hidden_size, self.intermediate_size, self.vocab_size
+        attn = h * (self.q_size + 2 * self.kv_size) + self.q_size * h
+        if self.attention_bias:
+            attn += self.q_size + 2 * self.kv_size
+        per_layer = attn + 3 * h * i + 2 * h
+        head = 0 if self.tie_word_embeddings else v * h
+        return v * h + self.num_layers * per_layer + h + head
+
+    # ----------------------------------------------------------------- factories
+    @classmethod
+    def from_hf_config(cls, cfg: Mapping[str, Any], *, name: str = "unnamed") -> ModelConfig:
+        """Build from the dict of an HF ``config.json``."""
+        archs = cfg.get("architectures") or []
+        architecture = next((_HF_ARCHITECTURES[a] for a in archs if a in _HF_ARCHITECTURES), None)
+        if architecture is None:
+            architecture = cfg.get("model_type", "")
+            if architecture not in SUPPORTED_ARCHITECTURES:
+                raise ModelLoadError(
+                    f"config.json describes {archs or architecture!r}; supported: {', '.join(_HF_ARCHITECTURES)}"
+                )
+        num_heads = int(cfg["num_attention_heads"])
+        hidden = int(cfg["hidden_size"])
+        eos = cfg.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
+        return cls(
+            architecture=architecture,
+            vocab_size=int(cfg["vocab_size"]),
+            hidden_size=hidden,
+            intermediate_size=int(cfg["intermediate_size"]),
+            num_layers=int(cfg["num_hidden_layers"]),
+            num_heads=num_heads,
+            num_kv_heads=int(cfg.get("num_key_value_heads") or num_heads),
+            head_dim=int(cfg.get("head_dim") or hidden // num_heads),
+            max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0)),
+            rope_scaling=_rope_scaling_from_hf(cfg.get("rope_scaling")),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            attention_bias=bool(cfg.get("attention_bias", architecture == "qwen2")),
+            bos_token_id=cfg.get("bos_token_id"),
+            eos_token_ids=eos_ids,
+            name=name,
+        )
+
+    @classmethod
+    def from_hf_folder(cls, folder: Path) -> ModelConfig:
+        path = folder / "config.json"
+        if not path.is_file():
+            raise ModelLoadError(
+                f"{folder} has no config.json: point --model at a Hugging Face model folder or a .gguf file"
+            )
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ModelLoadError(f"{path} is not valid JSON: {exc}") from exc
+        try:
+            return cls.from_hf_config(data, name=folder.name)
+        except KeyError as exc:
+            raise ModelLoadError(f"{path} lacks the field {exc}") from exc
+
+    @classmethod
+    def from_gguf_metadata(cls, meta: Mapping[str, Any], *, name: str = "unnamed") -> ModelConfig:
+        """Build from GGUF key/value metadata (already decoded to Python values)."""
+        arch = meta.get("general.architecture")
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise ModelLoadError(
+                f"GGUF architecture {arch!r} is not supported (supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
+            )
+
+        def get(key: str, default: Any = None) -> Any:
+            value = meta.get(f"{arch}.{key}", default)
+            if value is None:
+                raise ModelLoadError(f"GGUF metadata lacks {arch}.{key}")
+            return value
+
+        hidden = int(get("embedding_length"))
+        num_heads = int(get("attention.head_count"))
+        vocab = meta.get(f"{arch}.vocab_size") or len(meta.get("tokenizer.ggml.tokens") or ())
+        if not vocab:
+            raise ModelLoadError("GGUF metadata has neither a vocab_size nor a token list")
+        scaling = None
+        scaling_type = meta.get(f"{arch}.rope.scaling.type")
+        if scaling_type == "linear":
+            scaling = RopeScaling("linear", factor=float(get("rope.scaling.factor")))
+        elif scaling_type not in (None, "none"):
+            raise ModelLoadError(f"GGUF rope scaling {scaling_type!r} is not supported (supported: linear)")
+        eos = meta.get("tokenizer.ggml.eos_token_id")
+        return cls(
+            architecture=arch,
+            vocab_size=int(vocab),
+            hidden_size=hidden,
+            intermediate_size=int(get("feed_forward_length")),
+            num_layers=int(get("block_count")),
+            num_heads=num_heads,
+            num_kv_heads=int(get("attention.head_count_kv", num_heads)),
+            head_dim=int(meta.get(f"{arch}.attention.key_length") or hidden // num_heads),
+            max_position_embeddings=int(get("context_length")),
+            rms_norm_eps=float(get("attention.layer_norm_rms_epsilon")),
+            rope_theta=float(get("rope.freq_base", 10000.0)),
+            rope_scaling=scaling,
+            tie_word_embeddings=False,  # decided by the loader: tied when output.weight is absent
+            attention_bias=arch == "qwen2",
+            bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
+            eos_token_ids=(int(eos),) if eos is not None else (),
+            name=name,
+        )
+
+
+def _rope_scaling_from_hf(raw: Mapping[str, Any] | None) -> RopeScaling | None:
+    if not raw:
+        return None
+    rope_type = raw.get("rope_type") or raw.get("type")
+    if rope_type in (None, "default"):
+        return None
+    try:
+        return RopeScaling(
+            rope_type=rope_type,
+            factor=float(raw.get("factor", 1.0)),
+            low_freq_factor=float(raw.get("low_freq_factor", 1.0)),
+            high_freq_factor=float(raw.get("high_freq_factor", 4.0)),
+            original_max_position_embeddings=int(raw.get("original_max_position_embeddings", 8192)),
+        )
+    except ValueError as exc:
+        raise ModelLoadError(str(exc)) from exc
+
+
+# Named shapes for dummy weights. `tiny` is the test model: small enough that a
+# forward is milliseconds on CPU, but with GQA, several layers and an odd head count.
+NAMED_CONFIGS: dict[str, ModelConfig] = {
+    "tiny": ModelConfig(
+        architecture="llama",
+        vocab_size=384,
+        hidden_size=64,
+        intermediate_size=128,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=16,
+        max_position_embeddings=1024,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_ids=(2,),
+        name="tiny",
+    ),
+    "smollm2-135m": ModelConfig(
+        architecture="llama",
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_layers=30,
+        num_heads=9,
+        num_kv_heads=3,
+        head_dim=64,
+        max_position_embeddings=8192,
+        rope_theta=100000.0,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_ids=(2,),
+        name="smollm2-135m",
+    ),
+    "llama-3.2-1b": ModelConfig(
+        architecture="llama",
+        vocab_size=128256,
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_layers=16,
+        num_heads=32,
+        num_kv_heads=8,
+        head_dim=64,
+        max_position_embeddings=131072,
+        rope_theta=500000.0,
+        rope_scaling=RopeScaling(
+            "llama3", factor=32.0, low_freq_factor=1.0, high_freq_factor=4.0, original_max_position_embeddings=8192
+        ),
+        tie_word_embeddings=True,
+        bos_token_id=128000,
+        eos_token_ids=(128001, 128008, 128009),
+        name="llama-3.2-1b",
+    ),
+    "llama-3-8b": ModelConfig(
+        architecture="llama",
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_layers=32,
+        num_heads=32,
+        num_kv_heads=8,
+        head_dim=128,
+        max_position_embeddings=8192,
+        rope_theta=500000.0,
+        tie_word_embeddings=False,
+        bos_token_id=128000,
+        eos_token_ids=(128001, 128009),
+        name="llama-3-8b",
+    ),
+}
+
+
+def named_config(name: str) -> ModelConfig:
+    try:
+        return NAMED_CONFIGS[name]
+    except KeyError:
+        raise ModelLoadError(f"unknown model shape {name!r}; known: {', '.join(NAMED_CONFIGS)}") from None

@@ -1,0 +1,46 @@
+"""The physical paged KV cache: one tensor per layer, addressed by slot.
+
+Layout per layer: ``(2, num_blocks, block_size, num_kv_heads, head_dim)``; index 0
+holds keys, 1 values. A *slot* is ``block_id * block_size + offset``, so the
+flattened view ``(2, num_blocks * block_size, num_kv_heads, head_dim)`` is
+addressed directly by the slot numbers the block manager hands out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from model.config import ModelConfig
+
+
+def kv_cache_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+    """Bytes one block costs across all layers (keys and values)."""
+    element_size = torch.empty((), dtype=dtype).element_size()
+    return 2 * config.num_layers * block_size * config.num_kv_heads * config.head_dim * element_size
+
+
+@dataclass
+class KVCache:
+    """Per-layer K/V tensors of a paged cache."""
+
+    layers: list[torch.Tensor]
+    block_size: int
+
+    @classmethod
+    def allocate(
+        cls, config: ModelConfig, *, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device | str
+    ) -> KVCache:
+        if num_blocks <= 0 or block_size <= 0:
+            raise ValueError(f"num_blocks and block_size must be > 0, got {num_blocks} and {block_size}")
+        shape = (2, num_blocks, block_size, config.num_kv_heads, config.head_dim)
+        return cls([torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)], block_size)
+
+    @property
+    def num_blocks(self) -> int:
+        return self.layers[0].shape[1]
+
+    @property
+    def num_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.layers)

@@ -1,0 +1,222 @@
+"""The Llama-family decoder (Llama 2/3, Mistral, SmolLM2, TinyLlama; Qwen2 with qkv bias).
+
+Forward runs over a *flattened* batch: the new tokens of several sequences one
+after another, their K/V stored in a paged cache (see model/attention.py).
+Projections are fused (q|k|v and gate|up) so a layer is a handful of large
+matmuls; Hugging Face weight names are mapped onto the fused tensors at load.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.attention import AttentionMetadata, paged_attention
+from model.config import ModelConfig
+from model.errors import ModelLoadError
+from model.kv_cache import KVCache
+from model.rope import RotaryEmbedding, apply_rotary
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_index: int) -> None:
+        super().__init__()
+        self.layer_index = layer_index
+        self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
+        self.q_size, self.kv_size = config.q_size, config.kv_size
+        self.scale = config.head_dim**-0.5
+        self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias)
+        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # (T, hidden)
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        layer_cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        num_tokens = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = apply_rotary(q.view(num_tokens, self.num_heads, self.head_dim), cos, sin)  # (T, H, D)
+        k = apply_rotary(k.view(num_tokens, self.num_kv_heads, self.head_dim), cos, sin)  # (T, Hkv, D)
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        out = paged_attention(q, k, v, layer_cache, meta, layer_index=self.layer_index, scale=self.scale)
+        return self.o_proj(out.reshape(num_tokens, self.q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.intermediate_size = config.intermediate_size
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_index: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer_index)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layer_cache: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, layer_cache, meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+# Hugging Face parameter names -> (our parameter, which shard of a fused tensor).
+_LAYER_NAME = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+_FUSED_SHARDS = {
+    "self_attn.q_proj": ("self_attn.qkv_proj", 0),
+    "self_attn.k_proj": ("self_attn.qkv_proj", 1),
+    "self_attn.v_proj": ("self_attn.qkv_proj", 2),
+    "mlp.gate_proj": ("mlp.gate_up_proj", 0),
+    "mlp.up_proj": ("mlp.gate_up_proj", 1),
+}
+
+
+class LlamaForCausalLM(nn.Module):
+    """Decoder-only LM. ``forward(input_ids, positions, kv_cache, attn_metadata) -> logits``."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = (
+            None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        )
+        self.rotary = RotaryEmbedding(config)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # (T,)
+        positions: torch.Tensor,  # (T,)
+        kv_cache: KVCache,
+        attn_metadata: AttentionMetadata,
+    ) -> torch.Tensor:
+        """Logits (float32) for the rows in ``attn_metadata.logits_indices`` (every row if None).
+
+        Attention weights asked for in ``attn_metadata.attention_requests`` are left in
+        ``attn_metadata.captured_attention``.
+        """
+        x = self.embed_tokens(input_ids)  # (T, hidden)
+        cos, sin = self.rotary(positions, x.dtype)
+        for layer, layer_cache in zip(self.layers, kv_cache.layers, strict=True):
+            x = layer(x, cos, sin, layer_cache, attn_metadata)
+        if attn_metadata.logits_indices is not None:
+            x = x[attn_metadata.logits_indices]
+        x = self.norm(x)
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(x, weight).float()  # (rows, vocab)
+
+    # ------------------------------------------------------------------ weights
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Copy Hugging Face-named tensors into the (fused) parameters.
+
+        Raises ModelLoadError on a shape mismatch, an unknown name, or a parameter
+        that no tensor filled.
+        """
+        params = dict(self.named_parameters())
+        expected = {name: 1 for name in params}
+        for name in params:
+            if name.endswith("qkv_proj.weight") or name.endswith("qkv_proj.bias"):
+                expected[name] = 3
+            elif name.endswith("gate_up_proj.weight"):
+                expected[name] = 2
+        filled: dict[str, int] = {}
+        for hf_name, tensor in weights:
+            if hf_name == "rope_freqs.weight":
+                self.rotary.set_freq_factors(tensor)
+                continue
+            target = self._param_for(hf_name)
+            if target is None:
+                continue
+            param_name, shard = target
+            if param_name not in params:
+                raise ModelLoadError(f"checkpoint tensor {hf_name} has no place in a {self.config.architecture} model")
+            dest = self._shard_view(params[param_name], param_name, shard)
+            if tuple(dest.shape) != tuple(tensor.shape):
+                raise ModelLoadError(
+                    f"{hf_name}: checkpoint shape {tuple(tensor.shape)} != model shape {tuple(dest.shape)} "
+                    "(does the config match the weights?)"
+                )
+            with torch.no_grad():
+                dest.copy_(tensor)
+            filled[param_name] = filled.get(param_name, 0) + 1
+        missing = [n for n, count in expected.items() if filled.get(n, 0) < count]
+        if missing:
+            shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
+            raise ModelLoadError(f"checkpoint lacks tensors for {shown}")
+
+    def _param_for(self, hf_name: str) -> tuple[str, int | None] | None:
+        if hf_name == "model.embed_tokens.weight":
+            return "embed_tokens.weight", None
+        if hf_name == "model.norm.weight":
+            return "norm.weight", None
+        if hf_name == "lm_head.weight":
+            return None if self.lm_head is None else ("lm_head.weight", None)
+        match = _LAYER_NAME.match(hf_name)
+        if match is None:
+            if hf_name.endswith("rotary_emb.inv_freq"):
+                return None  # derived data some old checkpoints carry
+            raise ModelLoadError(f"checkpoint tensor {hf_name} is not a Llama-family weight")
+        index, rest = match.groups()
+        if rest.endswith("rotary_emb.inv_freq"):
+            return None
+        module, _, kind = rest.rpartition(".")
+        if module in _FUSED_SHARDS:
+            fused, shard = _FUSED_SHARDS[module]
+            return f"layers.{index}.{fused}.{kind}", shard
+        return f"layers.{index}.{rest}", None
+
+    def _shard_view(self, param: torch.Tensor, name: str, shard: int | None) -> torch.Tensor:
+        if shard is None:
+            return param
+        c = self.config
+        sizes = [c.q_size, c.kv_size, c.kv_size] if "qkv_proj" in name else [c.intermediate_size] * 2
+        start = sum(sizes[:shard])
+        return param.narrow(0, start, sizes[shard])
+
+    def init_random(self, seed: int = 0, std: float = 0.02) -> None:
+        """Random weights (dummy models): normal(0, std) matrices, unit norms."""
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, param in self.named_parameters():
+                if name.endswith("layernorm.weight") or name == "norm.weight":
+                    param.fill_(1.0)
+                elif name.endswith(".bias"):
+                    param.zero_()
+                else:
+                    param.copy_(torch.randn(param.shape, generator=gen) * std)

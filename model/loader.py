@@ -1,0 +1,100 @@
+"""One entry point for every weight source: an HF folder, a GGUF file, or dummy weights.
+
+loaded = load_model("path/to/model.gguf", device="cpu", dtype=torch.float32)
+loaded = load_model("path/to/hf-folder")
+loaded = load_model("dummy:tiny")          # random weights of a named shape
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from model.config import ModelConfig, named_config
+from model.errors import ModelLoadError
+from model.gguf_file import GGUFFile
+from model.hf_folder import safetensors_weights
+from model.llama import LlamaForCausalLM
+from model.tokenizer import Tokenizer
+
+DUMMY_PREFIX = "dummy:"
+
+
+@dataclass
+class LoadedModel:
+    config: ModelConfig
+    model: LlamaForCausalLM
+    tokenizer: Tokenizer
+    source: str
+
+
+def cpu_supports_bf16() -> bool:
+    """True when the CPU has native bf16 dot products (AVX512-BF16 or AMX)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def default_dtype(device: torch.device | str) -> torch.dtype:
+    """Serving default: bf16 on CUDA and on CPUs with native bf16, else float32."""
+    if torch.device(device).type == "cuda" or cpu_supports_bf16():
+        return torch.bfloat16
+    return torch.float32
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    table = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+    }
+    if name not in table:
+        raise ValueError(f"unknown dtype {name!r}; use one of float32, bfloat16, float16")
+    return table[name]
+
+
+def load_model(
+    source: str | Path, *, device: torch.device | str = "cpu", dtype: torch.dtype | None = None, seed: int = 0
+) -> LoadedModel:
+    """Load weights and tokenizer. Raises ModelLoadError with a one-line reason."""
+    dtype = dtype or default_dtype(device)
+    text = str(source)
+    if text.startswith(DUMMY_PREFIX):
+        config = named_config(text[len(DUMMY_PREFIX) :])
+        model = _build(config, device, torch.float32)
+        model.init_random(seed=seed)
+        return LoadedModel(config, model.to(dtype), Tokenizer.byte_level(config.vocab_size), text)
+
+    path = Path(source)
+    if not path.exists():
+        raise ModelLoadError(f"model path {path} does not exist (run `make model` for the default model)")
+    if path.is_dir():
+        config = ModelConfig.from_hf_folder(path)
+        tokenizer = Tokenizer.from_hf_folder(path)
+        weights = safetensors_weights(path)
+    elif path.suffix == ".gguf":
+        gguf = GGUFFile(path)
+        config = gguf.model_config()
+        tokenizer = Tokenizer.from_gguf_metadata(gguf.metadata)
+        weights = gguf.weights(config)
+    else:
+        raise ModelLoadError(f"{path} is neither a Hugging Face model folder nor a .gguf file")
+    model = _build(config, device, dtype)
+    model.load_weights((name, t.to(dtype)) for name, t in weights)
+    return LoadedModel(config, model, tokenizer, str(path))
+
+
+def _build(config: ModelConfig, device: torch.device | str, dtype: torch.dtype) -> LlamaForCausalLM:
+    # Build on the meta device, then allocate uninitialised storage: no time spent
+    # on a random init that the checkpoint overwrites.
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    model = model.to_empty(device=device).to(dtype)
+    return model.eval().requires_grad_(False)

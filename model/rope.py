@@ -1,0 +1,73 @@
+"""Rotary position embeddings (the Hugging Face "rotate half" convention)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from model.config import ModelConfig, RopeScaling
+
+
+def inverse_frequencies(config: ModelConfig, freq_factors: torch.Tensor | None = None) -> torch.Tensor:
+    """(head_dim / 2,) float32 inverse frequencies, after any scaling."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    if freq_factors is not None:  # per-frequency divisors stored in a GGUF (llama3 scaling baked in)
+        inv_freq = inv_freq / freq_factors.to(torch.float64)
+    elif config.rope_scaling is not None:
+        inv_freq = _scale(inv_freq, config.rope_scaling)
+    return inv_freq.float()
+
+
+def _scale(inv_freq: torch.Tensor, scaling: RopeScaling) -> torch.Tensor:
+    if scaling.rope_type == "linear":
+        return inv_freq / scaling.factor
+    # llama3: leave high frequencies alone, divide low ones by `factor`, blend between.
+    old_len = scaling.original_max_position_embeddings
+    low_wavelen = old_len / scaling.low_freq_factor
+    high_wavelen = old_len / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+    smooth = (old_len / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
+    blended = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return torch.where(is_medium, blended, scaled)
+
+
+class RotaryEmbedding:
+    """Holds cos/sin tables for every position; looked up by position ids.
+
+    Not an nn.Module: the tables are derived data, rebuilt for a device on demand,
+    never part of a checkpoint.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        self.config = config
+        self.freq_factors: torch.Tensor | None = None
+        self._tables: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def set_freq_factors(self, factors: torch.Tensor) -> None:
+        self.freq_factors = factors.detach().float().cpu()
+        self._tables.clear()
+
+    def tables(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (device, dtype)
+        if key not in self._tables:
+            inv_freq = inverse_frequencies(self.config, self.freq_factors)
+            t = torch.arange(self.config.max_position_embeddings, dtype=torch.float32)
+            freqs = torch.outer(t, inv_freq)
+            emb = torch.cat([freqs, freqs], dim=-1)  # (P, D)
+            self._tables[key] = (emb.cos().to(device, dtype), emb.sin().to(device, dtype))
+        return self._tables[key]
+
+    def __call__(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        cos, sin = self.tables(positions.device, dtype)
+        return cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)  # (T, 1, D)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (T, heads, D) rotated by (T, 1, D) tables."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return x * cos + rotated * sin

@@ -1,0 +1,89 @@
+"""Our float32 logits match Hugging Face transformers on the same weights (max abs <= 1e-3).
+
+transformers is a test-only dependency: the reference implementation.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from model.loader import LoadedModel, load_model
+from model.tokenizer import Tokenizer
+from tests.helpers import forward_all
+
+TOLERANCE = 1e-3
+
+
+def _hf_logits(hf_model, prompts: list[list[int]]) -> list[torch.Tensor]:
+    with torch.inference_mode():
+        return [hf_model(torch.tensor([p])).logits[0].float() for p in prompts]
+
+
+def _max_diff(ours: list[torch.Tensor], theirs: list[torch.Tensor]) -> float:
+    return max((a - b).abs().max().item() for a, b in zip(ours, theirs, strict=True))
+
+
+@pytest.mark.parametrize("architecture", ["llama", "qwen2"])
+def test_tiny_random_hf_folder_matches_transformers(tmp_path: Path, architecture: str) -> None:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    shape = dict(
+        vocab_size=384,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        initializer_range=0.1,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    if architecture == "llama":
+        config = transformers.LlamaConfig(**shape)
+        hf_model = transformers.LlamaForCausalLM(config)
+    else:
+        config = transformers.Qwen2Config(**shape)
+        hf_model = transformers.Qwen2ForCausalLM(config)
+    hf_model = hf_model.float().eval()
+    hf_model.save_pretrained(tmp_path, safe_serialization=True)
+    Tokenizer.byte_level(384).backend.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(
+        json.dumps({"bos_token": "<|im_start|>", "eos_token": "<|im_end|>"})
+    )
+
+    ours = load_model(tmp_path, dtype=torch.float32)
+    assert ours.config.architecture == architecture
+    assert ours.config.attention_bias == (architecture == "qwen2")
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, 384, (n,), generator=gen).tolist() for n in (3, 17, 40)]
+    diff = _max_diff(forward_all(ours.model, prompts, block_size=16), _hf_logits(hf_model, prompts))
+    print(f"tiny {architecture} max |logit diff| vs transformers: {diff:.2e}")
+    assert diff <= TOLERANCE
+
+
+@pytest.mark.e2e
+@pytest.mark.xdist_group("smollm")
+def test_default_gguf_matches_transformers(default_gguf: Path, smollm_f32: LoadedModel) -> None:
+    transformers = pytest.importorskip("transformers")
+    hf_model = transformers.AutoModelForCausalLM.from_pretrained(
+        default_gguf.parent, gguf_file=default_gguf.name, dtype=torch.float32
+    ).eval()
+    tok = smollm_f32.tokenizer
+    texts = [
+        "Hi",
+        "The quick brown fox jumps over the lazy dog.",
+        tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}]),
+    ]
+    prompts = [tok.encode(t) for t in texts]
+    assert len({len(p) for p in prompts}) == 3
+    diff = _max_diff(forward_all(smollm_f32.model, prompts, block_size=16), _hf_logits(hf_model, prompts))
+    print(f"SmolLM2-135M GGUF max |logit diff| vs transformers: {diff:.2e}")
+    assert diff <= TOLERANCE
