@@ -125,7 +125,9 @@ class AttentionMetadata:
             decode_seq_indices=decode_seqs,
             decode_slots=decode_slots,
             decode_mask=decode_mask,
-            logits_indices=None if logits_indices is None else torch.tensor(logits_indices, device=device),
+            logits_indices=None
+            if logits_indices is None
+            else torch.tensor(logits_indices, dtype=torch.long, device=device),
             attention_requests={i: frozenset(layers) for i, layers in (attention_requests or {}).items()},
         )
 

@@ -1,0 +1,324 @@
+"""The engine: a thread that loops schedule -> execute -> update while there is work.
+
+Callers on an asyncio event loop add requests and read each request's outputs
+as an async stream; outputs are handed over thread-safely. Aborts are applied at
+the start of the next step, so an aborted request's blocks are free within one
+step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+
+from model.loader import LoadedModel
+from server.block_manager import BlockManager
+from server.outputs import OutputProcessor, RequestOutput, Timings, Usage
+from server.request import FinishReason, Request, SamplingParams
+from server.runner import CacheConfig, ModelRunner
+from server.scheduler import RequestDelta, RunnerOutput, Scheduler, SchedulerConfig, SchedulerOutput
+
+log = logging.getLogger("attnserve.engine")
+
+
+class EngineStoppedError(RuntimeError):
+    """The engine is shutting down and takes no new requests."""
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    max_model_len: int | None = None  # None = the model's context, capped by the cache size
+
+
+@dataclass
+class StepStats:
+    """What one step did, for metrics."""
+
+    num_batched_tokens: int
+    num_requests: int
+    duration_s: float
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float
+    num_preempted: int
+
+
+class RequestStream:
+    """Async iterator over one request's outputs; ends after the finished one."""
+
+    def __init__(self, engine: Engine, request: Request) -> None:
+        self.request = request
+        self._engine = engine
+        self._queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        self.finished = False
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    def __aiter__(self) -> AsyncIterator[RequestOutput]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[RequestOutput]:
+        try:
+            while not self.finished:
+                out = await self._queue.get()
+                self.finished = out.finished
+                yield out
+        finally:
+            if not self.finished:  # the reader went away (cancelled, disconnected): stop the work
+                self._engine.abort(self.request_id)
+
+    def _put(self, out: RequestOutput) -> None:
+        self._queue.put_nowait(out)
+
+
+class Engine:
+    def __init__(self, loaded: LoadedModel, config: EngineConfig | None = None) -> None:
+        config = config or EngineConfig()
+        self.loaded = loaded
+        self.tokenizer = loaded.tokenizer
+        self.runner = ModelRunner(loaded.model, config.cache)
+        capacity = self.runner.num_blocks * config.cache.block_size
+        max_model_len = min(
+            config.max_model_len or loaded.config.max_position_embeddings,
+            capacity,
+            loaded.config.max_position_embeddings,
+        )
+        sched_config = SchedulerConfig(
+            max_num_batched_tokens=config.scheduler.max_num_batched_tokens,
+            max_num_seqs=config.scheduler.max_num_seqs,
+            max_num_waiting=config.scheduler.max_num_waiting,
+            max_model_len=max_model_len,
+        )
+        self.config = EngineConfig(sched_config, config.cache, max_model_len)
+        self.block_manager = BlockManager(
+            self.runner.num_blocks, config.cache.block_size, enable_prefix_caching=config.cache.enable_prefix_caching
+        )
+        self.scheduler = Scheduler(sched_config, self.block_manager)
+        self._lock = threading.Lock()
+        self._wakeup = threading.Event()
+        self._aborts: deque[tuple[str, FinishReason]] = deque()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, RequestStream, OutputProcessor]] = {}
+        self._ids = itertools.count()
+        self._accepting = True
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self.step_observers: list[Callable[[StepStats], None]] = []
+        self.finish_observers: list[Callable[[Request, RequestOutput], None]] = []
+        self.num_steps = 0
+        self.last_progress = time.monotonic()
+
+    @property
+    def max_model_len(self) -> int:
+        return self.scheduler.config.max_model_len
+
+    # ---------------------------------------------------------------- lifecycle
+    def start(self) -> Engine:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="attnserve-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Stop taking requests, let in-flight ones finish for up to ``timeout`` s, abort the rest."""
+        self._accepting = False
+        deadline = time.monotonic() + timeout
+        while self.has_work and time.monotonic() < deadline and self.is_alive:
+            time.sleep(0.01)
+        with self._lock:
+            for request_id in list(self.scheduler.requests):
+                self._aborts.append((request_id, FinishReason.ABORT))
+        self._wakeup.set()
+        while self.has_work and self.is_alive and time.monotonic() < deadline + 5:
+            time.sleep(0.01)
+        self._stop = True
+        self._wakeup.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    @property
+    def is_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def has_work(self) -> bool:
+        return self.scheduler.has_work or bool(self._aborts)
+
+    @property
+    def is_accepting(self) -> bool:
+        return self._accepting
+
+    # ------------------------------------------------------------------ intake
+    def add_request(
+        self,
+        prompt_token_ids: Sequence[int],
+        params: SamplingParams,
+        *,
+        request_id: str | None = None,
+        timeout_s: float | None = None,
+    ) -> RequestStream:
+        """Queue a request; call from a running event loop. Raises QueueFullError, ValueError, EngineStoppedError."""
+        if not self._accepting:
+            raise EngineStoppedError("the server is shutting down and takes no new requests")
+        loop = asyncio.get_running_loop()
+        vocab = self.loaded.config.vocab_size
+        bad = next((t for t in prompt_token_ids if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"token id {bad} is outside the vocabulary [0, {vocab})")
+        now = time.monotonic()
+        request = Request(
+            request_id=request_id or f"req-{next(self._ids)}",
+            prompt_token_ids=list(prompt_token_ids),
+            params=params,
+            arrival_time=now,
+            eos_token_ids=self.tokenizer.eos_token_ids,
+            deadline=None if timeout_s is None else now + timeout_s,
+        )
+        stream = RequestStream(self, request)
+        with self._lock:
+            self.scheduler.add_request(request)
+            self._streams[request.request_id] = (loop, stream, OutputProcessor(self.tokenizer, request))
+        self._wakeup.set()
+        return stream
+
+    def abort(self, request_id: str, reason: FinishReason = FinishReason.ABORT) -> None:
+        """Finish a request at the start of the next step (safe from any thread)."""
+        self._aborts.append((request_id, reason))
+        self._wakeup.set()
+
+    async def generate(
+        self, prompt_token_ids: Sequence[int], params: SamplingParams, **kwargs: object
+    ) -> RequestOutput:
+        """Run one request to the end; returns the outputs merged into one."""
+        merged: RequestOutput | None = None
+        async for out in self.add_request(prompt_token_ids, params, **kwargs):  # type: ignore[arg-type]
+            merged = out if merged is None else merge_outputs(merged, out)
+        assert merged is not None
+        return merged
+
+    # -------------------------------------------------------------------- loop
+    def _run(self) -> None:
+        while not self._stop:
+            if not self._wakeup.wait(timeout=0.5):
+                continue
+            try:
+                self.step()
+            except Exception:  # a bug: fail the requests of that step, keep serving the rest
+                log.exception("engine step failed")
+            if not self.has_work:
+                self._wakeup.clear()
+                if self.has_work:  # raced with add_request/abort
+                    self._wakeup.set()
+
+    def step(self) -> None:
+        start = time.monotonic()
+        with self._lock:
+            while self._aborts:
+                request_id, reason = self._aborts.popleft()
+                self.scheduler.abort(request_id, reason)
+            plan = self.scheduler.schedule()
+        try:
+            result = self.runner.execute(plan) if not plan.is_empty else RunnerOutput()
+        except Exception as exc:
+            log.exception("model step failed; failing its %d requests", len(plan.requests))
+            self._fail(plan, exc)
+            return
+        with self._lock:
+            deltas = self.scheduler.update(plan, result)
+            deliveries = [self._output(delta) for delta in deltas]
+        self._deliver([d for d in deliveries if d is not None])
+        duration = time.monotonic() - start
+        self.num_steps += 1
+        self.last_progress = time.monotonic()
+        if not plan.is_empty and self.step_observers:
+            stats = StepStats(
+                plan.num_batched_tokens,
+                len(plan.requests),
+                duration,
+                self.scheduler.num_running,
+                self.scheduler.num_waiting,
+                self.block_manager.usage,
+                len(plan.preempted_ids),
+            )
+            for observe in self.step_observers:
+                observe(stats)
+
+    def _output(self, delta: RequestDelta) -> tuple[asyncio.AbstractEventLoop, RequestStream, RequestOutput] | None:
+        entry = self._streams.get(delta.request_id)
+        if entry is None:
+            return None
+        loop, stream, processor = entry
+        out = processor.process(delta)
+        if out.finish_reason is not None:
+            request = processor.request
+            if not request.is_finished:  # a stop string ended it
+                self.scheduler.finish(request.request_id, out.finish_reason)
+            out.usage = Usage(request.num_prompt_tokens, len(request.output_token_ids), request.num_cached_tokens)
+            out.timings = _timings(request)
+            del self._streams[delta.request_id]
+            for observe in self.finish_observers:
+                observe(request, out)
+        return loop, stream, out
+
+    def _deliver(self, deliveries: list[tuple[asyncio.AbstractEventLoop, RequestStream, RequestOutput]]) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestStream, RequestOutput]]] = {}
+        for loop, stream, out in deliveries:
+            by_loop.setdefault(loop, []).append((stream, out))
+        for loop, items in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # a closed loop: its readers are gone
+                loop.call_soon_threadsafe(_put_all, items)  # one wake-up of the loop per step
+
+    def _fail(self, plan: SchedulerOutput, exc: Exception) -> None:
+        with self._lock:
+            for item in plan.requests:
+                self.scheduler.abort(item.request_id, FinishReason.ERROR)
+            deltas = self.scheduler.update(SchedulerOutput(), RunnerOutput())
+            deliveries = []
+            for delta in deltas:
+                d = self._output(delta)
+                if d is not None:
+                    d[2].error = f"{type(exc).__name__}: {exc}"
+                    deliveries.append(d)
+        self._deliver(deliveries)
+
+
+def _put_all(items: list[tuple[RequestStream, RequestOutput]]) -> None:
+    for stream, out in items:
+        stream._put(out)
+
+
+def _timings(request: Request) -> Timings:
+    arrival, finish = request.arrival_time, request.finish_time or time.monotonic()
+    scheduled, first = request.first_scheduled_time, request.first_token_time
+    return Timings(
+        queue_s=(scheduled or finish) - arrival,
+        ttft_s=None if first is None else first - arrival,
+        total_s=finish - arrival,
+        prefill_s=None if first is None or scheduled is None else first - scheduled,
+        decode_s=None if first is None else finish - first,
+    )
+
+
+def merge_outputs(a: RequestOutput, b: RequestOutput) -> RequestOutput:
+    return RequestOutput(
+        request_id=a.request_id,
+        token_ids=a.token_ids + b.token_ids,
+        text=a.text + b.text,
+        logprobs=a.logprobs + b.logprobs,
+        attention=a.attention + b.attention,
+        finish_reason=b.finish_reason,
+        stop_reason=b.stop_reason,
+        usage=b.usage,
+        timings=b.timings,
+        error=b.error,
+    )

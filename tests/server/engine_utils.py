@@ -1,0 +1,54 @@
+"""Helpers to drive an Engine from synchronous tests."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+from model.loader import LoadedModel
+from server.engine import Engine, EngineConfig
+from server.outputs import RequestOutput
+from server.request import SamplingParams
+from server.runner import CacheConfig
+from server.scheduler import SchedulerConfig
+
+
+def make_engine(
+    loaded: LoadedModel,
+    *,
+    kv_cache_memory: int = 64 << 20,
+    block_size: int = 16,
+    max_num_seqs: int = 64,
+    max_num_batched_tokens: int = 512,
+    max_num_waiting: int = 256,
+    enable_prefix_caching: bool = True,
+) -> Engine:
+    config = EngineConfig(
+        scheduler=SchedulerConfig(
+            max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs, max_num_waiting=max_num_waiting
+        ),
+        cache=CacheConfig(
+            block_size=block_size, kv_cache_memory=kv_cache_memory, enable_prefix_caching=enable_prefix_caching
+        ),
+    )
+    return Engine(loaded, config).start()
+
+
+def run_together(
+    engine: Engine, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams]
+) -> list[RequestOutput]:
+    """Submit every request at once (one event loop) and wait for all."""
+    plist = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+
+    async def main() -> list[RequestOutput]:
+        return list(await asyncio.gather(*[engine.generate(p, sp) for p, sp in zip(prompts, plist, strict=True)]))
+
+    return asyncio.run(main())
+
+
+def run_alone(
+    engine: Engine, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams]
+) -> list[RequestOutput]:
+    """Serve each request by itself, one after another."""
+    plist = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+    return [run_together(engine, [p], [sp])[0] for p, sp in zip(prompts, plist, strict=True)]

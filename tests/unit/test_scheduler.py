@@ -1,0 +1,221 @@
+"""Scheduler: budget, chunked prefill, preemption, abort, prefix sharing, queue bound. No torch."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from server.block_manager import BlockManager
+from server.request import FinishReason, Request, RequestStatus, SamplingParams
+from server.scheduler import QueueFullError, RunnerOutput, Scheduler, SchedulerConfig, SchedulerOutput
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make(
+    *,
+    num_blocks: int = 64,
+    block_size: int = 4,
+    budget: int = 32,
+    max_seqs: int = 8,
+    max_waiting: int = 16,
+    prefix_caching: bool = True,
+) -> Scheduler:
+    config = SchedulerConfig(
+        max_num_batched_tokens=budget, max_num_seqs=max_seqs, max_num_waiting=max_waiting, max_model_len=256
+    )
+    bm = BlockManager(num_blocks, block_size, enable_prefix_caching=prefix_caching)
+    return Scheduler(config, bm, clock=FakeClock())
+
+
+def add(s: Scheduler, rid: str, n: int, max_tokens: int = 100, **kw: object) -> Request:
+    r = Request(rid, [10 + i for i in range(n)], SamplingParams(max_tokens=max_tokens, **kw), 0.0, eos_token_ids=(2,))
+    s.add_request(r)
+    return r
+
+
+def run(s: Scheduler, plan: SchedulerOutput, token: int = 7):
+    """A hand-made runner: every sampling request gets `token`."""
+    return s.update(plan, RunnerOutput({i.request_id: token for i in plan.requests if i.is_sampling}))
+
+
+def test_plain_python() -> None:
+    code = "import sys, server.scheduler, server.block_manager, server.request; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_admission_under_token_budget() -> None:
+    s = make(budget=20)
+    for rid in "abc":
+        add(s, rid, 8)
+    plan = s.schedule()
+    # a and b fit whole (16 tokens); c gets the remaining 4 as a chunk.
+    assert [(i.request_id, len(i.token_ids)) for i in plan.requests] == [("a", 8), ("b", 8), ("c", 4)]
+    assert plan.num_batched_tokens == 20
+    assert [i.is_sampling for i in plan.requests] == [True, True, False]
+
+
+def test_sequence_cap() -> None:
+    s = make(max_seqs=2)
+    for rid in "abc":
+        add(s, rid, 4)
+    plan = s.schedule()
+    assert [i.request_id for i in plan.requests] == ["a", "b"]
+    assert s.num_waiting == 1
+
+
+def test_chunked_prefill_progresses_then_decodes_alongside_others() -> None:
+    s = make(budget=10)
+    long = add(s, "long", 25)
+    progress = []
+    for _ in range(3):
+        plan = s.schedule()
+        assert plan.num_batched_tokens <= 10
+        progress.append([(i.request_id, i.num_computed_tokens, len(i.token_ids)) for i in plan.requests])
+        run(s, plan)
+    assert progress == [[("long", 0, 10)], [("long", 10, 10)], [("long", 20, 5)]]
+    assert long.output_token_ids == [7]
+    add(s, "short", 3)
+    plan = s.schedule()  # decode of `long` and prefill of `short` in one step
+    assert [(i.request_id, len(i.token_ids)) for i in plan.requests] == [("long", 1), ("short", 3)]
+    assert plan.requests[0].token_ids == [7] and plan.requests[0].num_computed_tokens == 25
+
+
+@pytest.mark.parametrize("prefix_caching", [False, True])
+def test_preemption_and_resume_by_recompute(prefix_caching: bool) -> None:
+    # 5 blocks of 4: two requests of 8 prompt tokens hold 4 blocks; their 9th tokens need 2 more.
+    s = make(num_blocks=5, block_size=4, budget=64, prefix_caching=prefix_caching)
+    add(s, "a", 8)
+    b = add(s, "b", 8)
+    run(s, s.schedule())  # both prefilled, one token generated each
+    plan = s.schedule()
+    assert plan.preempted_ids == ["b"], "the newest running request is preempted"
+    assert b.status is RequestStatus.PREEMPTED and b.block_table == [] and b.num_computed_tokens == 0
+    assert [i.request_id for i in plan.requests] == ["a"]
+    assert s.waiting[0] is b
+    run(s, plan)
+    # a runs on; b resumes when a finishes and recomputes prompt + its generated token.
+    s.abort("a")
+    run(s, SchedulerOutput())
+    plan = s.schedule()
+    item = plan.requests[0]
+    assert item.request_id == "b" and item.is_sampling
+    if prefix_caching:  # its own full prompt blocks were still cached: only the tail is recomputed
+        assert item.num_computed_tokens == 8 and item.token_ids == [7]
+    else:
+        assert item.num_computed_tokens == 0 and item.token_ids == [*b.prompt_token_ids, 7]
+    assert item.num_output_tokens == 1  # the seeded sampler continues at step 1
+    run(s, plan)
+    assert b.output_token_ids == [7, 7] and b.num_preemptions == 1 and s.num_preemptions == 1
+
+
+def test_preempted_request_never_dropped_under_pressure() -> None:
+    s = make(num_blocks=8, block_size=2, budget=64, max_seqs=8)
+    reqs = [add(s, f"r{i}", 3, max_tokens=6) for i in range(5)]
+    for _ in range(200):
+        if not s.has_work:
+            break
+        run(s, s.schedule())
+    assert all(r.status is RequestStatus.FINISHED_LENGTH and len(r.output_token_ids) == 6 for r in reqs)
+    assert s.num_preemptions > 0
+    assert s.block_manager.num_free_blocks == 8
+
+
+def test_abort_frees_blocks_and_reports() -> None:
+    s = make()
+    r = add(s, "a", 10)
+    run(s, s.schedule())
+    assert r.block_table
+    assert s.abort("a")
+    assert s.block_manager.num_free_blocks == 64 and r.status is RequestStatus.FINISHED_ABORTED
+    deltas = s.update(SchedulerOutput(), RunnerOutput())
+    assert [(d.request_id, d.finish_reason) for d in deltas] == [("a", FinishReason.ABORT)]
+    assert not s.abort("a") and not s.abort("unknown")
+
+
+def test_abort_while_step_in_flight_is_ignored_by_update() -> None:
+    s = make()
+    add(s, "a", 4)
+    plan = s.schedule()
+    s.abort("a")
+    deltas = run(s, plan)
+    assert [d.finish_reason for d in deltas] == [FinishReason.ABORT]
+    assert s.block_manager.num_free_blocks == 64
+
+
+def test_deadline_finishes_waiting_and_running() -> None:
+    s = make(max_seqs=1)
+    a = add(s, "a", 4)
+    a.deadline = 5.0
+    b = add(s, "b", 4)
+    b.deadline = 5.0
+    run(s, s.schedule())
+    s.clock.now = 6.0
+    plan = s.schedule()
+    assert plan.is_empty
+    deltas = s.update(plan, RunnerOutput())
+    assert {d.request_id: d.finish_reason for d in deltas} == {"a": FinishReason.DEADLINE, "b": FinishReason.DEADLINE}
+    assert s.block_manager.num_free_blocks == 64
+
+
+def test_prefix_cache_hit_skips_computed_blocks() -> None:
+    s = make(block_size=4)
+    add(s, "a", 10)
+    run(s, s.schedule())
+    b = Request("b", [10 + i for i in range(10)] + [99], SamplingParams(), 0.0)
+    s.add_request(b)
+    plan = s.schedule()
+    item = next(i for i in plan.requests if i.request_id == "b")
+    assert item.num_computed_tokens == 8 and item.token_ids == [18, 19, 99]
+    assert b.num_cached_tokens == 8
+    a = s.requests["a"]
+    assert b.block_table[:2] == a.block_table[:2]
+
+
+def test_waiting_queue_bound() -> None:
+    s = make(max_waiting=2)
+    add(s, "a", 4)
+    add(s, "b", 4)
+    with pytest.raises(QueueFullError, match="full"):
+        add(s, "c", 4)
+    run(s, s.schedule())  # a and b admitted: room again
+    add(s, "c", 4)
+
+
+def test_stop_conditions() -> None:
+    s = make()
+    eos = add(s, "eos", 3)
+    ignore = add(s, "ignore", 3, max_tokens=2, ignore_eos=True)
+    stop_id = add(s, "stop_id", 3, stop_token_ids=(7,))
+    deltas = {d.request_id: d for d in s.update(s.schedule(), RunnerOutput({"eos": 2, "ignore": 2, "stop_id": 7}))}
+    assert deltas["eos"].finish_reason is FinishReason.STOP and eos.is_finished
+    assert deltas["ignore"].finish_reason is None and not ignore.is_finished
+    assert deltas["stop_id"].finish_reason is FinishReason.STOP and stop_id.is_finished
+    deltas = {d.request_id: d for d in s.update(s.schedule(), RunnerOutput({"ignore": 2}))}
+    assert deltas["ignore"].finish_reason is FinishReason.LENGTH
+
+
+def test_model_length_limit() -> None:
+    config = SchedulerConfig(max_num_batched_tokens=64, max_num_seqs=4, max_num_waiting=4, max_model_len=6)
+    s = Scheduler(config, BlockManager(16, 4), clock=FakeClock())
+    with pytest.raises(ValueError, match="limit is 5"):
+        s.add_request(Request("x", list(range(6)), SamplingParams(), 0.0))
+    r = Request("y", list(range(4)), SamplingParams(max_tokens=100), 0.0)
+    s.add_request(r)
+    reasons = [d.finish_reason for _ in range(3) for d in run(s, s.schedule())]
+    assert reasons == [None, FinishReason.LENGTH] and r.num_tokens == 6
+
+
+def test_duplicate_request_id_rejected() -> None:
+    s = make()
+    add(s, "a", 3)
+    with pytest.raises(ValueError, match="already in use"):
+        add(s, "a", 3)
