@@ -16,7 +16,7 @@ MODEL_CACHE  ?= .cache/models
 STAMP        := $(VENV)/.installed
 PYTEST_ARGS  ?=
 
-.PHONY: help install model generate test lint clean
+.PHONY: help install model generate test lint bench-engine soak clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -39,6 +39,12 @@ generate: install model  ## generate a reply on the default model, no server: ma
 
 test: install model  ## install what is missing, then run the suite
 	$(PY) -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS)
+
+bench-engine: install model  ## offline engine tok/s vs transformers generate, bf16 and fp32 (several minutes)
+	$(PY) bench/engine_bench.py
+
+soak: install model  ## RSS over 1,000 sequential requests
+	$(PY) bench/rss_soak.py --requests 1000
 
 lint: install  ## ruff
 	$(VENV)/bin/ruff check .

