@@ -50,7 +50,8 @@ class AttentionMetadata:
     decode_rows: torch.Tensor | None  # (Bd,) batch rows of the one-token sequences
     decode_seq_indices: list[int]
     decode_block_tables: torch.Tensor | None  # (Bd, max_blocks) block ids, padded with block 0
-    decode_mask: torch.Tensor | None  # (Bd, 1, 1, max_blocks * block_size) True where a key is real
+    decode_mask: torch.Tensor | None  # (Bd, 1, 1, max_blocks * block_size) True where a key is real; None = all
+    is_pure_decode: bool  # every sequence decodes one token: batch rows are the decode rows
     logits_indices: torch.Tensor | None  # rows to compute logits for; None = every row
     # Explicit attention: sequence index -> layers whose weights to return.
     attention_requests: Mapping[int, frozenset[int]] = field(default_factory=dict)
@@ -115,7 +116,8 @@ class AttentionMetadata:
                 padded[row, :n] = torch.tensor(block_tables[i][:n])
             decode_tables = padded.to(device)
             width = max(num_blocks) * block_size
-            decode_mask = (torch.arange(width)[None, :] < lens[:, None])[:, None, None, :].to(device)
+            if bool((lens < width).any()):
+                decode_mask = (torch.arange(width)[None, :] < lens[:, None])[:, None, None, :].to(device)
             rows = torch.tensor(decode_rows, dtype=torch.long, device=device)
 
         return cls(
@@ -127,6 +129,7 @@ class AttentionMetadata:
             decode_rows=rows,
             decode_seq_indices=decode_seqs,
             decode_block_tables=decode_tables,
+            is_pure_decode=not prefills,
             decode_mask=decode_mask,
             logits_indices=None
             if logits_indices is None
@@ -158,22 +161,28 @@ def paged_attention(
     """
     write_kv(layer_cache, meta.slot_mapping, k, v)
     flat = layer_cache.view(2, -1, *layer_cache.shape[-2:])  # (2, num_slots, Hkv, D)
-    out = torch.empty_like(q)
 
     if meta.decode_rows is not None:
-        assert meta.decode_block_tables is not None and meta.decode_mask is not None
-        bd, width = meta.decode_block_tables.shape[0], meta.decode_mask.shape[-1]
-        qd = q[meta.decode_rows].unsqueeze(2)  # (Bd, H, 1, D)
-        kd = layer_cache[0][meta.decode_block_tables].view(bd, width, *k.shape[1:]).transpose(1, 2)  # (Bd, Hkv, W, D)
-        vd = layer_cache[1][meta.decode_block_tables].view(bd, width, *k.shape[1:]).transpose(1, 2)
+        assert meta.decode_block_tables is not None
+        tables = meta.decode_block_tables
+        bd, width = tables.shape[0], tables.shape[1] * layer_cache.shape[2]
+        qd = (q if meta.is_pure_decode else q[meta.decode_rows]).unsqueeze(2)  # (Bd, H, 1, D)
+        kv = layer_cache[:, tables].view(2, bd, width, *k.shape[1:]).transpose(2, 3)  # (2, Bd, Hkv, W, D)
+        kd, vd = kv[0], kv[1]
         od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.decode_mask, scale=scale, enable_gqa=True)
-        out[meta.decode_rows] = od.squeeze(2)
+        if meta.is_pure_decode:
+            out = od.squeeze(2)
+        else:
+            out = torch.empty_like(q)
+            out[meta.decode_rows] = od.squeeze(2)
         for row, seq in enumerate(meta.decode_seq_indices):
             if layer_index in meta.attention_requests.get(seq, ()):
                 length = meta.seq_lens[seq]
                 o, w = explicit_attention(qd[row], kd[row, :, :length], vd[row, :, :length], scale=scale)
                 meta.captured_attention[(seq, layer_index)] = w
                 out[meta.decode_rows[row]] = o.squeeze(1)
+    else:
+        out = torch.empty_like(q)
 
     for chunk in meta.prefills:
         rows = slice(chunk.token_start, chunk.token_end)
