@@ -16,19 +16,33 @@ MODEL_CACHE  ?= .cache/models
 STAMP        := $(VENV)/.installed
 PYTEST_ARGS  ?=
 
-.PHONY: help install model generate test lint bench-engine soak clean
+.PHONY: help install proto model generate serve test lint bench-engine soak clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
+
+PROTOS  := $(wildcard proto/attnserve/v1/*.proto)
+GEN_DIR := attnserve/v1
+GEN     := $(GEN_DIR)/generate_pb2.py
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON_BOOT) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet --find-links $(TORCH_WHEELS) $(TORCH_PIN)
+	$(PIP) install --quiet -c $(CONSTRAINTS) grpcio-tools mypy-protobuf
+	$(MAKE) --no-print-directory proto
 	$(PIP) install --quiet --find-links $(TORCH_WHEELS) -c $(CONSTRAINTS) -e '.[test,dev]'
 	touch $(STAMP)
 
-install: $(STAMP)  ## create .venv with torch (CPU, local wheel), the project and its extras
+install: $(STAMP) $(GEN)  ## create .venv with torch (CPU, local wheel), the project and its extras
+
+# Generated stubs (with .pyi) live in the `attnserve` package; git ignores them.
+$(GEN): $(PROTOS)
+	mkdir -p $(GEN_DIR)
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m grpc_tools.protoc -Iproto --python_out=. --pyi_out=. --grpc_python_out=. --mypy_grpc_out=. $(PROTOS)
+	touch attnserve/__init__.py $(GEN_DIR)/__init__.py
+
+proto: $(GEN)  ## generate the gRPC stubs from proto/
 
 model: $(STAMP)  ## fetch the default model (SmolLM2-135M-Instruct GGUF) and print its path
 	@$(PY) -m model.fetch --cache-dir $(MODEL_CACHE)

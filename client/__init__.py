@@ -1,1 +1,27 @@
 """attnserve's Python client: grpc and the generated stubs only (no torch)."""
+
+from client.client import (
+    AsyncClient,
+    AttnserveError,
+    CancelledError,
+    Client,
+    DeadlineExceededError,
+    InvalidArgumentError,
+    ResourceExhaustedError,
+    UnauthenticatedError,
+    UnavailableError,
+    build_request,
+)
+
+__all__ = [
+    "AsyncClient",
+    "AttnserveError",
+    "CancelledError",
+    "Client",
+    "DeadlineExceededError",
+    "InvalidArgumentError",
+    "ResourceExhaustedError",
+    "UnauthenticatedError",
+    "UnavailableError",
+    "build_request",
+]

@@ -50,6 +50,8 @@ class StepStats:
     num_waiting: int
     kv_cache_usage: float
     num_preempted: int
+    prefix_queries: int  # running totals of the prefix cache
+    prefix_hits: int
 
 
 class RequestStream:
@@ -114,7 +116,7 @@ class Engine:
         self._stop = False
         self._thread: threading.Thread | None = None
         self.step_observers: list[Callable[[StepStats], None]] = []
-        self.finish_observers: list[Callable[[Request, RequestOutput], None]] = []
+        self.output_observers: list[Callable[[Request, RequestOutput], None]] = []
         self.num_steps = 0
         self.last_progress = time.monotonic()
 
@@ -241,14 +243,17 @@ class Engine:
         self.num_steps += 1
         self.last_progress = time.monotonic()
         if not plan.is_empty and self.step_observers:
+            bm = self.block_manager
             stats = StepStats(
-                plan.num_batched_tokens,
-                len(plan.requests),
-                duration,
-                self.scheduler.num_running,
-                self.scheduler.num_waiting,
-                self.block_manager.usage,
-                len(plan.preempted_ids),
+                num_batched_tokens=plan.num_batched_tokens,
+                num_requests=len(plan.requests),
+                duration_s=duration,
+                num_running=self.scheduler.num_running,
+                num_waiting=self.scheduler.num_waiting,
+                kv_cache_usage=bm.usage,
+                num_preempted=len(plan.preempted_ids),
+                prefix_queries=bm.num_prefix_queries,
+                prefix_hits=bm.num_prefix_hits,
             )
             for observe in self.step_observers:
                 observe(stats)
@@ -259,15 +264,15 @@ class Engine:
             return None
         loop, stream, processor = entry
         out = processor.process(delta)
+        request = processor.request
         if out.finish_reason is not None:
-            request = processor.request
             if not request.is_finished:  # a stop string ended it
                 self.scheduler.finish(request.request_id, out.finish_reason)
             out.usage = Usage(request.num_prompt_tokens, len(request.output_token_ids), request.num_cached_tokens)
             out.timings = _timings(request)
             del self._streams[delta.request_id]
-            for observe in self.finish_observers:
-                observe(request, out)
+        for observe in self.output_observers:
+            observe(request, out)
         return loop, stream, out
 
     def _deliver(self, deliveries: list[tuple[asyncio.AbstractEventLoop, RequestStream, RequestOutput]]) -> None:

@@ -188,7 +188,9 @@ class Scheduler:
         # 2. Admit waiting requests in order, unless this step had to preempt.
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs and not out.preempted_ids:
             request = self.waiting[0]
-            if request.num_computed_tokens == 0 and not request.block_table:
+            # A request that wants the prompt's attention rows must compute every prompt position.
+            wants_prompt_rows = request.params.attention is not None and request.params.attention.include_prompt
+            if request.num_computed_tokens == 0 and not request.block_table and not wants_prompt_rows:
                 cached = self.block_manager.match_prefix(request)
                 request.num_computed_tokens = cached
                 if request.num_preemptions == 0:

@@ -1,0 +1,150 @@
+"""attnserve command line client.
+
+python -m client generate "What is the capital of France?" --chat --stream
+python -m client chat
+python -m client info
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from client.client import DEFAULT_TARGET, AttnserveError, Client
+
+
+def _client(args: argparse.Namespace) -> Client:
+    token = args.token
+    if args.token_file:
+        token = Path(args.token_file).read_text().strip()
+    root = Path(args.ca).read_bytes() if args.ca else None
+    return Client(args.target, token=token, tls=args.tls, root_certificates=root, timeout=args.timeout)
+
+
+def _sampling(args: argparse.Namespace) -> dict:
+    return dict(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+        stop=args.stop or (),
+        ignore_eos=args.ignore_eos,
+    )
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    kwargs = _sampling(args)
+    if args.attention_png:
+        kwargs.update(attention_layers=[args.attention_layer], head_reduction="mean", include_prompt=True)
+    with _client(args) as client:
+        labels: list[str] = []
+        if args.attention_png:
+            tokenized = client.tokenize(messages=[("user", args.prompt)]) if args.chat else client.tokenize(args.prompt)
+            labels = list(tokenized.tokens)
+        rows = []
+        if args.stream or args.attention_png:
+            final = None
+            for chunk in client.generate_stream(args.prompt, chat=args.chat, **kwargs):
+                print(chunk.text, end="", flush=True)
+                rows.extend(chunk.attention)
+                # One label per generated token: the message's text when it carries exactly one token.
+                labels.extend([chunk.text] if len(chunk.token_ids) == 1 else [""] * len(chunk.token_ids))
+                if chunk.finish_reason:
+                    final = chunk
+            print()
+        else:
+            final = client.generate(args.prompt, chat=args.chat, **kwargs)
+            print(final.text)
+        if final is not None and args.verbose:
+            print(
+                f"[{final.usage.completion_tokens} tokens, finish {final.finish_reason}, "
+                f"ttft {final.timings.time_to_first_token_seconds:.3f}s, total {final.timings.total_seconds:.3f}s]",
+                file=sys.stderr,
+            )
+        if args.attention_png:
+            from client.heatmap import render_png
+
+            info = client.model_info()
+            layer = args.attention_layer % info.num_layers
+            render_png(args.attention_png, rows, labels, layer=layer)
+            print(f"attention heatmap written to {args.attention_png}", file=sys.stderr)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    history: list[tuple[str, str]] = []
+    with _client(args) as client:
+        print("chat with the model; an empty line or Ctrl-D ends", file=sys.stderr)
+        while True:
+            try:
+                line = input("you> ")
+            except EOFError:
+                break
+            if not line.strip():
+                break
+            history.append(("user", line))
+            print("model> ", end="", flush=True)
+            reply = []
+            for chunk in client.generate_stream(messages=history, **_sampling(args)):
+                print(chunk.text, end="", flush=True)
+                reply.append(chunk.text)
+            print()
+            history.append(("assistant", "".join(reply)))
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        info = client.model_info()
+        print(f"health: {client.health()}")
+        for field in info.DESCRIPTOR.fields:
+            print(f"{field.name}: {getattr(info, field.name)}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m client", description="attnserve client")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--target", default=os.environ.get("ATTNSERVE_TARGET", DEFAULT_TARGET), help="host:port")
+    common.add_argument("--token", default=os.environ.get("ATTNSERVE_TOKEN"), help="bearer token")
+    common.add_argument("--token-file", default=None, help="file holding the bearer token")
+    common.add_argument("--tls", action="store_true", help="use TLS (system roots unless --ca)")
+    common.add_argument("--ca", default=None, help="PEM root certificate for TLS")
+    common.add_argument("--timeout", type=float, default=None, help="deadline per call, seconds")
+    sampling = argparse.ArgumentParser(add_help=False)
+    sampling.add_argument("--max-tokens", type=int, default=None)
+    sampling.add_argument("--temperature", type=float, default=None)
+    sampling.add_argument("--top-k", type=int, default=None)
+    sampling.add_argument("--top-p", type=float, default=None)
+    sampling.add_argument("--min-p", type=float, default=None)
+    sampling.add_argument("--repetition-penalty", type=float, default=None)
+    sampling.add_argument("--seed", type=int, default=None)
+    sampling.add_argument("--stop", action="append", help="stop string (repeatable)")
+    sampling.add_argument("--ignore-eos", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", parents=[common, sampling], help="generate from a prompt")
+    gen.add_argument("prompt")
+    gen.add_argument("--chat", action="store_true", help="send the prompt as a user message (chat template)")
+    gen.add_argument("--stream", action="store_true", help="print tokens as they arrive")
+    gen.add_argument("--attention-png", default=None, help="write a heatmap of attention to this PNG")
+    gen.add_argument("--attention-layer", type=int, default=-1, help="layer for --attention-png (default last)")
+    gen.add_argument("-v", "--verbose", action="store_true", help="print usage and timings to stderr")
+    sub.add_parser("chat", parents=[common, sampling], help="interactive streaming chat")
+    sub.add_parser("info", parents=[common], help="model and server information")
+    args = parser.parse_args(argv)
+    try:
+        return {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info}[args.command](args)
+    except AttnserveError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,300 @@
+"""attnserve's Python client: a sync `Client` and an `AsyncClient` on one request builder.
+
+    from client import Client
+    with Client("localhost:50051") as c:
+        print(c.generate("What is the capital of France?", chat=True, max_tokens=32).text)
+        for chunk in c.generate_stream("Once upon a time", max_tokens=64):
+            print(chunk.text, end="", flush=True)
+
+Needs only grpcio and the generated stubs (no torch). Errors are `AttnserveError`
+subclasses carrying the gRPC status code and the server's message.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from attnserve.v1 import generate_pb2 as pb
+from attnserve.v1 import generate_pb2_grpc as pb_grpc
+
+DEFAULT_TARGET = "localhost:50051"
+Message = Mapping[str, str] | tuple[str, str]
+
+
+# ----------------------------------------------------------------------- errors
+class AttnserveError(Exception):
+    """Base of every error this client raises; ``code`` is the gRPC status."""
+
+    code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
+
+    def __init__(self, message: str, code: grpc.StatusCode | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+
+    def __str__(self) -> str:
+        return f"{self.code.name}: {self.message}"
+
+
+class InvalidArgumentError(AttnserveError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class ResourceExhaustedError(AttnserveError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class DeadlineExceededError(AttnserveError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class UnavailableError(AttnserveError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class UnauthenticatedError(AttnserveError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class CancelledError(AttnserveError):
+    code = grpc.StatusCode.CANCELLED
+
+
+_ERRORS: dict[grpc.StatusCode, type[AttnserveError]] = {
+    cls.code: cls
+    for cls in (
+        InvalidArgumentError,
+        ResourceExhaustedError,
+        DeadlineExceededError,
+        UnavailableError,
+        UnauthenticatedError,
+        CancelledError,
+    )
+}
+
+
+def _error(err: grpc.RpcError) -> AttnserveError:
+    code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
+    details = err.details() if hasattr(err, "details") else str(err)
+    return _ERRORS.get(code, AttnserveError)(details or "", code)
+
+
+# ---------------------------------------------------------------------- request
+_REDUCTIONS = {"none": pb.HEAD_REDUCTION_NONE, "mean": pb.HEAD_REDUCTION_MEAN, "max": pb.HEAD_REDUCTION_MAX}
+
+
+def build_request(
+    prompt: str | None = None,
+    *,
+    messages: Sequence[Message] | None = None,
+    token_ids: Sequence[int] | None = None,
+    chat: bool = False,
+    max_tokens: int | None = None,
+    temperature: float | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    min_p: float | None = None,
+    repetition_penalty: float | None = None,
+    seed: int | None = None,
+    stop: Sequence[str] = (),
+    stop_token_ids: Sequence[int] = (),
+    ignore_eos: bool = False,
+    logprobs: int | None = None,
+    attention_layers: Sequence[int] | None = None,
+    head_reduction: str = "mean",
+    include_prompt: bool = False,
+    request_id: str = "",
+    model: str = "",
+) -> pb.GenerateRequest:
+    """One GenerateRequest from keyword arguments. ``chat=True`` sends ``prompt`` as a user message."""
+    request = pb.GenerateRequest(request_id=request_id, model=model)
+    if chat and prompt is not None:
+        messages, prompt = [("user", prompt)], None
+    if sum(x is not None for x in (prompt, messages, token_ids)) != 1:
+        raise ValueError("give exactly one of prompt, messages or token_ids")
+    if prompt is not None:
+        request.prompt = prompt
+    elif messages is not None:
+        for m in messages:
+            role, content = (m["role"], m["content"]) if isinstance(m, Mapping) else m
+            request.messages.messages.add(role=role, content=content)
+    else:
+        request.token_ids.ids.extend(token_ids or ())
+    s = request.sampling
+    for name, value in (
+        ("temperature", temperature),
+        ("top_k", top_k),
+        ("top_p", top_p),
+        ("min_p", min_p),
+        ("repetition_penalty", repetition_penalty),
+        ("seed", seed),
+    ):
+        if value is not None:
+            setattr(s, name, value)
+    if max_tokens is not None:
+        request.stopping.max_tokens = max_tokens
+    request.stopping.stop.extend(stop)
+    request.stopping.stop_token_ids.extend(stop_token_ids)
+    request.stopping.ignore_eos = ignore_eos
+    if logprobs is not None:
+        request.logprobs.top_n = logprobs
+    if attention_layers is not None:
+        if head_reduction not in _REDUCTIONS:
+            raise ValueError(f"head_reduction must be one of {', '.join(_REDUCTIONS)}")
+        request.attention.layers.extend(attention_layers)
+        request.attention.head_reduction = _REDUCTIONS[head_reduction]
+        request.attention.include_prompt = include_prompt
+    return request
+
+
+def _channel_args(target: str, token: str | None, tls: bool, root_certificates: bytes | None) -> dict[str, Any]:
+    options = [("grpc.max_receive_message_length", 64 << 20), ("grpc.keepalive_time_ms", 30_000)]
+    metadata = (("authorization", f"Bearer {token}"),) if token else ()
+    creds = grpc.ssl_channel_credentials(root_certificates) if tls or root_certificates else None
+    return {"target": target, "options": options, "metadata": metadata, "credentials": creds}
+
+
+# ------------------------------------------------------------------------- sync
+class Client:
+    """Blocking client. ``timeout`` (seconds) becomes each call's gRPC deadline."""
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        token: str | None = None,
+        tls: bool = False,
+        root_certificates: bytes | None = None,
+        timeout: float | None = None,
+    ) -> None:
+        args = _channel_args(target, token, tls, root_certificates)
+        self._metadata = args["metadata"]
+        self._timeout = timeout
+        if args["credentials"] is not None:
+            self._channel = grpc.secure_channel(target, args["credentials"], options=args["options"])
+        else:
+            self._channel = grpc.insecure_channel(target, options=args["options"])
+        self._stub = pb_grpc.GeneratorStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def _call(self, method: Any, request: Any, timeout: float | None) -> Any:
+        try:
+            return method(request, timeout=timeout or self._timeout, metadata=self._metadata)
+        except grpc.RpcError as err:
+            raise _error(err) from None
+
+    def generate(
+        self, prompt: str | None = None, *, timeout: float | None = None, **kwargs: Any
+    ) -> pb.GenerateResponse:
+        return self._call(self._stub.Generate, build_request(prompt, **kwargs), timeout)
+
+    def generate_stream(
+        self, prompt: str | None = None, *, timeout: float | None = None, **kwargs: Any
+    ) -> Iterator[pb.GenerateStreamResponse]:
+        call = self._stub.GenerateStream(
+            build_request(prompt, **kwargs), timeout=timeout or self._timeout, metadata=self._metadata
+        )
+        try:
+            yield from call
+        except grpc.RpcError as err:
+            raise _error(err) from None
+        finally:
+            call.cancel()  # a reader that stops early frees the server's work at once
+
+    def send(self, request: pb.GenerateRequest, *, timeout: float | None = None) -> pb.GenerateResponse:
+        """Send a prepared request (see build_request)."""
+        return self._call(self._stub.Generate, request, timeout)
+
+    def tokenize(self, text: str | None = None, *, messages: Sequence[Message] | None = None) -> pb.TokenizeResponse:
+        request = pb.TokenizeRequest(text=text) if text is not None else pb.TokenizeRequest()
+        for m in messages or ():
+            role, content = (m["role"], m["content"]) if isinstance(m, Mapping) else m
+            request.messages.messages.add(role=role, content=content)
+        return self._call(self._stub.Tokenize, request, None)
+
+    def model_info(self) -> pb.ModelInfo:
+        return self._call(self._stub.GetModelInfo, pb.GetModelInfoRequest(), None)
+
+    def health(self, service: str = "") -> str:
+        """'SERVING', 'NOT_SERVING', ... for the server (or one service)."""
+        reply = self._call(self._health.Check, health_pb2.HealthCheckRequest(service=service), None)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+
+# ------------------------------------------------------------------------ async
+class AsyncClient:
+    """The same calls on grpc.aio; use inside a running event loop."""
+
+    def __init__(
+        self,
+        target: str = DEFAULT_TARGET,
+        *,
+        token: str | None = None,
+        tls: bool = False,
+        root_certificates: bytes | None = None,
+        timeout: float | None = None,
+    ) -> None:
+        args = _channel_args(target, token, tls, root_certificates)
+        self._metadata = args["metadata"]
+        self._timeout = timeout
+        if args["credentials"] is not None:
+            self._channel = grpc.aio.secure_channel(target, args["credentials"], options=args["options"])
+        else:
+            self._channel = grpc.aio.insecure_channel(target, options=args["options"])
+        self._stub = pb_grpc.GeneratorStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def _call(self, method: Any, request: Any, timeout: float | None) -> Any:
+        try:
+            return await method(request, timeout=timeout or self._timeout, metadata=self._metadata)
+        except grpc.RpcError as err:
+            raise _error(err) from None
+
+    async def generate(
+        self, prompt: str | None = None, *, timeout: float | None = None, **kwargs: Any
+    ) -> pb.GenerateResponse:
+        return await self._call(self._stub.Generate, build_request(prompt, **kwargs), timeout)
+
+    async def generate_stream(
+        self, prompt: str | None = None, *, timeout: float | None = None, **kwargs: Any
+    ) -> AsyncIterator[pb.GenerateStreamResponse]:
+        call = self._stub.GenerateStream(
+            build_request(prompt, **kwargs), timeout=timeout or self._timeout, metadata=self._metadata
+        )
+        try:
+            async for message in call:
+                yield message
+        except grpc.RpcError as err:
+            raise _error(err) from None
+        finally:
+            call.cancel()
+
+    async def model_info(self) -> pb.ModelInfo:
+        return await self._call(self._stub.GetModelInfo, pb.GetModelInfoRequest(), None)
+
+    async def health(self, service: str = "") -> str:
+        reply = await self._call(self._health.Check, health_pb2.HealthCheckRequest(service=service), None)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)

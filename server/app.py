@@ -1,0 +1,174 @@
+"""Assembles the server: model, engine, gRPC services, health, metrics, signals.
+
+Lifecycle: health NOT_SERVING -> load and warm up (one real forward) -> SERVING.
+SIGTERM/SIGINT: NOT_SERVING, new calls refused with UNAVAILABLE, in-flight
+requests get --shutdown-timeout seconds to finish, then the process exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from attnserve.v1 import generate_pb2, generate_pb2_grpc
+from model.errors import ModelLoadError
+from server.config import ServerConfig, parse_config
+from server.engine import Engine
+from server.interceptors import BearerTokenInterceptor
+from server.metrics import Metrics
+from server.request import SamplingParams
+from server.servicer import GeneratorServicer, Limits
+
+log = logging.getLogger("attnserve")
+SERVICE_NAME = generate_pb2.DESCRIPTOR.services_by_name["Generator"].full_name
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class Server:
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.health = health.aio.HealthServicer()
+        self.metrics = Metrics()
+        self.engine: Engine | None = None
+        self.grpc_server: grpc.aio.Server | None = None
+        self.port = 0
+        self.metrics_port = 0
+        self._draining = False
+        self._stalled = False
+
+    async def set_health(self, status: int) -> None:
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)
+
+    async def start(self) -> None:
+        """Bind ports (health answers NOT_SERVING at once), then load, warm up and go SERVING."""
+        c = self.config
+        self.metrics_port = self.metrics.serve(c.metrics_host, c.metrics_port)
+        options = [
+            ("grpc.max_receive_message_length", c.max_message_bytes),
+            ("grpc.max_send_message_length", 64 << 20),
+            ("grpc.keepalive_time_ms", 30_000),
+            ("grpc.keepalive_timeout_ms", 10_000),
+            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+            ("grpc.keepalive_permit_without_calls", 1),
+        ]
+        interceptors = []
+        if c.auth_token_file:
+            interceptors.append(BearerTokenInterceptor(Path(c.auth_token_file).read_text().strip()))
+        self.grpc_server = grpc.aio.server(interceptors=interceptors, options=options)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
+        servicer = GeneratorServicer(self.metrics, limits=Limits(max_stop_strings=c.max_stop_strings))
+        generate_pb2_grpc.add_GeneratorServicer_to_server(servicer, self.grpc_server)
+        await self.set_health(NOT_SERVING)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            self.grpc_server,
+        )
+        address = f"{c.host}:{c.port}"
+        if c.tls_cert and c.tls_key:
+            creds = grpc.ssl_server_credentials([(Path(c.tls_key).read_bytes(), Path(c.tls_cert).read_bytes())])
+            self.port = self.grpc_server.add_secure_port(address, creds)
+        else:
+            self.port = self.grpc_server.add_insecure_port(address)
+        await self.grpc_server.start()
+        log.info(
+            "gRPC listening on %s:%d (NOT_SERVING until warm), metrics on :%d", c.host, self.port, self.metrics_port
+        )
+
+        self.engine = await asyncio.get_running_loop().run_in_executor(None, self._load_engine)
+        await self._warm_up()
+        self.metrics.bind_engine(self.engine)  # after warm-up: it is not traffic
+        servicer.attach(self.engine)
+        await self.set_health(SERVING)
+        log.info(
+            "SERVING %s (%s, %s, %d KV blocks of %d tokens, context %d)",
+            self.engine.loaded.config.name,
+            self.engine.runner.device,
+            self.engine.runner.model.dtype,
+            self.engine.runner.num_blocks,
+            self.engine.runner.block_size,
+            self.engine.max_model_len,
+        )
+
+    def _load_engine(self) -> Engine:
+        from model.loader import load_model, parse_dtype
+
+        c = self.config
+        loaded = load_model(c.model, device=c.device, dtype=parse_dtype(c.dtype) if c.dtype else None)
+        return Engine(loaded, c.engine).start()
+
+    async def _warm_up(self) -> None:
+        assert self.engine is not None
+        tok = self.engine.tokenizer
+        prompt = tok.encode("Hello") or [tok.bos_token_id or 0]
+        out = await self.engine.generate(prompt, SamplingParams(max_tokens=2, ignore_eos=True))
+        if out.error:
+            raise RuntimeError(f"warm-up failed: {out.error}")
+
+    async def watch_progress(self) -> None:
+        """NOT_SERVING while the engine makes no progress with requests pending."""
+        while not self._draining:
+            await asyncio.sleep(1.0)
+            engine = self.engine
+            if engine is None:
+                continue
+            stalled = engine.has_work and time.monotonic() - engine.last_progress > self.config.stall_timeout
+            if stalled != self._stalled and not self._draining:
+                self._stalled = stalled
+                log.error("engine stalled: no step finished for %.0fs", self.config.stall_timeout) if stalled else None
+                await self.set_health(NOT_SERVING if stalled else SERVING)
+
+    async def drain_and_stop(self) -> None:
+        """Refuse new work, let in-flight requests finish (up to shutdown_timeout), stop."""
+        if self._draining:
+            return
+        self._draining = True
+        log.info("draining: NOT_SERVING, in-flight requests get %.0fs", self.config.shutdown_timeout)
+        await self.set_health(NOT_SERVING)
+        if self.engine is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self.engine.shutdown, self.config.shutdown_timeout)
+        if self.grpc_server is not None:
+            await self.grpc_server.stop(grace=2.0)  # lets the last stream messages reach their clients
+        log.info("stopped")
+
+
+async def serve(config: ServerConfig) -> int:
+    server = Server(config)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        starting = asyncio.create_task(server.start())
+        waiter = asyncio.create_task(stop.wait())
+        done, _ = await asyncio.wait({starting, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        if starting in done:
+            starting.result()  # raise start-up errors
+            watcher = asyncio.create_task(server.watch_progress())
+            await stop.wait()
+            watcher.cancel()
+        else:
+            starting.cancel()
+    except ModelLoadError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    await server.drain_and_stop()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = parse_config(argv)
+    logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    return asyncio.run(serve(config))
