@@ -47,6 +47,10 @@ proto: $(GEN)  ## generate the gRPC stubs from proto/
 model: $(STAMP)  ## fetch the default model (SmolLM2-135M-Instruct GGUF) and print its path
 	@$(PY) -m model.fetch --cache-dir $(MODEL_CACHE)
 
+SERVE_ARGS ?=
+serve: install model  ## install, fetch the default model, serve gRPC on :50051 and metrics on :8000
+	$(PY) -m server $(SERVE_ARGS)
+
 PROMPT ?= What is the capital of France?
 generate: install model  ## generate a reply on the default model, no server: make generate PROMPT="..."
 	$(PY) -m model generate "$(PROMPT)"
