@@ -288,3 +288,77 @@ def test_sigterm_lets_streams_finish_and_exits_zero(tmp_path) -> None:
         t.join(60)
     assert server.proc.wait(60) == 0, server.log()
     assert [len(r) for r in results] == [400, 400, 400]
+
+
+def test_queue_full_gives_resource_exhausted(tmp_path) -> None:
+    server = ServerProcess(
+        ["--model", "dummy:tiny", "--kv-cache-memory", "16MiB", "--max-num-seqs", "1", "--max-num-waiting", "1"]
+    ).start(tmp_path / "queue.log")
+    try:
+        server.wait_serving()
+        errors: list[Exception] = []
+
+        def call() -> None:
+            with Client(server.target) as c:
+                try:
+                    c.generate("fill", max_tokens=300, ignore_eos=True, temperature=0)
+                except Exception as exc:
+                    errors.append(exc)
+
+        threads = [threading.Thread(target=call) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        exhausted = [e for e in errors if getattr(e, "code", None) == grpc.StatusCode.RESOURCE_EXHAUSTED]
+        assert exhausted, errors
+        assert "waiting queue is full" in str(exhausted[0])
+        with Client(server.target) as c:  # and it keeps serving
+            assert c.generate("after", max_tokens=2, ignore_eos=True).usage.completion_tokens == 2
+    finally:
+        server.stop()
+
+
+def test_tls(tmp_path) -> None:
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("openssl not installed")
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(
+        [
+            openssl,
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    server = ServerProcess(
+        ["--model", "dummy:tiny", "--kv-cache-memory", "16MiB", "--tls-cert", str(cert), "--tls-key", str(key)]
+    ).start(tmp_path / "tls.log")
+    try:
+        deadline = time.monotonic() + 60
+        with Client(server.target, root_certificates=cert.read_bytes()) as c:
+            while time.monotonic() < deadline:
+                try:
+                    if c.health() == "SERVING":
+                        break
+                except Exception:
+                    time.sleep(0.2)
+            assert c.generate("secure", max_tokens=3, ignore_eos=True).usage.completion_tokens == 3
+        assert health_status(server.target) is None  # plaintext is refused
+    finally:
+        server.stop()
