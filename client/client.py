@@ -152,16 +152,19 @@ def build_request(
     return request
 
 
-def _channel_args(target: str, token: str | None, tls: bool, root_certificates: bytes | None) -> dict[str, Any]:
-    options = [("grpc.max_receive_message_length", 64 << 20), ("grpc.keepalive_time_ms", 30_000)]
-    metadata = (("authorization", f"Bearer {token}"),) if token else ()
-    creds = grpc.ssl_channel_credentials(root_certificates) if tls or root_certificates else None
-    return {"target": target, "options": options, "metadata": metadata, "credentials": creds}
+def _tokenize_request(text: str | None, messages: Sequence[Message] | None) -> pb.TokenizeRequest:
+    request = pb.TokenizeRequest(text=text) if text is not None else pb.TokenizeRequest()
+    for m in messages or ():
+        role, content = (m["role"], m["content"]) if isinstance(m, Mapping) else m
+        request.messages.messages.add(role=role, content=content)
+    return request
 
 
-# ------------------------------------------------------------------------- sync
-class Client:
-    """Blocking client. ``timeout`` (seconds) becomes each call's gRPC deadline."""
+class _Connection:
+    """Channel, stubs, metadata and default deadline shared by both clients."""
+
+    _secure_channel: Any = staticmethod(grpc.secure_channel)
+    _insecure_channel: Any = staticmethod(grpc.insecure_channel)
 
     def __init__(
         self,
@@ -172,15 +175,21 @@ class Client:
         root_certificates: bytes | None = None,
         timeout: float | None = None,
     ) -> None:
-        args = _channel_args(target, token, tls, root_certificates)
-        self._metadata = args["metadata"]
+        options = [("grpc.max_receive_message_length", 64 << 20), ("grpc.keepalive_time_ms", 30_000)]
+        self._metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {token}"),) if token else ()
         self._timeout = timeout
-        if args["credentials"] is not None:
-            self._channel = grpc.secure_channel(target, args["credentials"], options=args["options"])
+        if tls or root_certificates:
+            creds = grpc.ssl_channel_credentials(root_certificates)
+            self._channel = self._secure_channel(target, creds, options=options)
         else:
-            self._channel = grpc.insecure_channel(target, options=args["options"])
+            self._channel = self._insecure_channel(target, options=options)
         self._stub = pb_grpc.GeneratorStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
+
+
+# ------------------------------------------------------------------------- sync
+class Client(_Connection):
+    """Blocking client. ``timeout`` (seconds) becomes each call's gRPC deadline."""
 
     def __enter__(self) -> Client:
         return self
@@ -220,11 +229,7 @@ class Client:
         return self._call(self._stub.Generate, request, timeout)
 
     def tokenize(self, text: str | None = None, *, messages: Sequence[Message] | None = None) -> pb.TokenizeResponse:
-        request = pb.TokenizeRequest(text=text) if text is not None else pb.TokenizeRequest()
-        for m in messages or ():
-            role, content = (m["role"], m["content"]) if isinstance(m, Mapping) else m
-            request.messages.messages.add(role=role, content=content)
-        return self._call(self._stub.Tokenize, request, None)
+        return self._call(self._stub.Tokenize, _tokenize_request(text, messages), None)
 
     def model_info(self) -> pb.ModelInfo:
         return self._call(self._stub.GetModelInfo, pb.GetModelInfoRequest(), None)
@@ -236,27 +241,11 @@ class Client:
 
 
 # ------------------------------------------------------------------------ async
-class AsyncClient:
+class AsyncClient(_Connection):
     """The same calls on grpc.aio; use inside a running event loop."""
 
-    def __init__(
-        self,
-        target: str = DEFAULT_TARGET,
-        *,
-        token: str | None = None,
-        tls: bool = False,
-        root_certificates: bytes | None = None,
-        timeout: float | None = None,
-    ) -> None:
-        args = _channel_args(target, token, tls, root_certificates)
-        self._metadata = args["metadata"]
-        self._timeout = timeout
-        if args["credentials"] is not None:
-            self._channel = grpc.aio.secure_channel(target, args["credentials"], options=args["options"])
-        else:
-            self._channel = grpc.aio.insecure_channel(target, options=args["options"])
-        self._stub = pb_grpc.GeneratorStub(self._channel)
-        self._health = health_pb2_grpc.HealthStub(self._channel)
+    _secure_channel = staticmethod(grpc.aio.secure_channel)
+    _insecure_channel = staticmethod(grpc.aio.insecure_channel)
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -291,6 +280,11 @@ class AsyncClient:
             raise _error(err) from None
         finally:
             call.cancel()
+
+    async def tokenize(
+        self, text: str | None = None, *, messages: Sequence[Message] | None = None
+    ) -> pb.TokenizeResponse:
+        return await self._call(self._stub.Tokenize, _tokenize_request(text, messages), None)
 
     async def model_info(self) -> pb.ModelInfo:
         return await self._call(self._stub.GetModelInfo, pb.GetModelInfoRequest(), None)

@@ -117,7 +117,6 @@ class Engine:
         self._thread: threading.Thread | None = None
         self.step_observers: list[Callable[[StepStats], None]] = []
         self.output_observers: list[Callable[[Request, RequestOutput], None]] = []
-        self.num_steps = 0
         self.last_progress = time.monotonic()
 
     @property
@@ -155,10 +154,6 @@ class Engine:
     @property
     def has_work(self) -> bool:
         return self.scheduler.has_work or bool(self._aborts)
-
-    @property
-    def is_accepting(self) -> bool:
-        return self._accepting
 
     # ------------------------------------------------------------------ intake
     def add_request(
@@ -240,7 +235,6 @@ class Engine:
             deliveries = [self._output(delta) for delta in deltas]
         self._deliver([d for d in deliveries if d is not None])
         duration = time.monotonic() - start
-        self.num_steps += 1
         self.last_progress = time.monotonic()
         if not plan.is_empty and self.step_observers:
             bm = self.block_manager

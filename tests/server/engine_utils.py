@@ -22,6 +22,7 @@ def make_engine(
     max_num_batched_tokens: int = 512,
     max_num_waiting: int = 256,
     enable_prefix_caching: bool = True,
+    start: bool = True,
 ) -> Engine:
     config = EngineConfig(
         scheduler=SchedulerConfig(
@@ -31,7 +32,8 @@ def make_engine(
             block_size=block_size, kv_cache_memory=kv_cache_memory, enable_prefix_caching=enable_prefix_caching
         ),
     )
-    return Engine(loaded, config).start()
+    engine = Engine(loaded, config)
+    return engine.start() if start else engine
 
 
 def run_together(

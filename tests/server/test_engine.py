@@ -134,10 +134,7 @@ def test_timeout_finishes_with_deadline(engine: Engine, tiny: LoadedModel) -> No
 
 
 def test_waiting_queue_bound_rejects(tiny: LoadedModel) -> None:
-    eng = make_engine(tiny, max_num_waiting=2)
-    eng._accepting = True
-    eng.shutdown(0)  # stop the thread so nothing drains the queue; then accept again for the test
-    eng._accepting = True
+    eng = make_engine(tiny, max_num_waiting=2, start=False)  # no engine thread: nothing drains the queue
 
     async def go() -> None:
         eng.add_request([5, 6, 7], SamplingParams())

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from attnserve.v1 import generate_pb2 as pb
-from client import Client, DeadlineExceededError, UnauthenticatedError
+from client import Client, DeadlineExceededError, UnauthenticatedError, UnavailableError
 from model.attention import AttentionMetadata
 from model.loader import load_model
 from tests.helpers import new_cache, scattered_block_tables
@@ -73,7 +73,7 @@ def test_cancel_mid_stream_frees_blocks_within_a_second(client: Client, tiny_ser
     for i, _ in enumerate(stream):
         if i == 5:
             break
-    assert tiny_server.metric("attnserve_kv_cache_usage_perc") > 0 or True  # may already be freed
+    assert tiny_server.metric("attnserve_num_requests_running") == 1.0  # still generating: 900 tokens asked
     stream.close()  # the client's generator cancels the call
     _wait_for(
         lambda: (
@@ -281,9 +281,8 @@ def test_sigterm_lets_streams_finish_and_exits_zero(tmp_path) -> None:
     server.proc.send_signal(15)
     time.sleep(0.3)
     assert health_status(server.target) in ("NOT_SERVING", None)
-    with Client(server.target) as late, pytest.raises(Exception) as refused:
+    with Client(server.target) as late, pytest.raises(UnavailableError, match="shutting down"):
         late.generate("late", max_tokens=2)
-    assert getattr(refused.value, "code", None) in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN) or True
     for t in threads:
         t.join(60)
     assert server.proc.wait(60) == 0, server.log()
@@ -362,3 +361,26 @@ def test_tls(tmp_path) -> None:
         assert health_status(server.target) is None  # plaintext is refused
     finally:
         server.stop()
+
+
+def test_async_client(tiny_server: ServerProcess) -> None:
+    import asyncio
+
+    from client import AsyncClient, InvalidArgumentError
+
+    async def go() -> None:
+        async with AsyncClient(tiny_server.target, timeout=30) as c:
+            assert await c.health() == "SERVING"
+            whole = await c.generate("async", max_tokens=8, ignore_eos=True, temperature=0)
+            streamed = [
+                t
+                async for chunk in c.generate_stream("async", max_tokens=8, ignore_eos=True, temperature=0)
+                for t in chunk.token_ids
+            ]
+            assert streamed == list(whole.token_ids)
+            assert (await c.model_info()).name == "tiny"
+            assert len((await c.tokenize("abc")).token_ids) == 3
+            with pytest.raises(InvalidArgumentError, match=r"sampling\.top_p"):
+                await c.generate("bad", top_p=2.0)
+
+    asyncio.run(go())
