@@ -124,12 +124,21 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def env_name(dest: str) -> str:
+    return "ATTNSERVE_" + dest.upper()
+
+
+def flag_env_names() -> set[str]:
+    """Every ATTNSERVE_* variable the server reads (one per flag)."""
+    return {env_name(a.dest) for a in build_parser()._actions if a.option_strings and a.dest != "help"}
+
+
 def _env_defaults(parser: argparse.ArgumentParser, environ: dict[str, str]) -> None:
     """Let ATTNSERVE_<FLAG> set a flag's default (so the command line still wins)."""
     for action in parser._actions:
         if not action.option_strings or action.dest == "help":
             continue
-        env = "ATTNSERVE_" + action.dest.upper()
+        env = env_name(action.dest)
         if env not in environ:
             continue
         raw = environ[env]
