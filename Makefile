@@ -16,7 +16,7 @@ MODEL_CACHE  ?= .cache/models
 STAMP        := $(VENV)/.installed
 PYTEST_ARGS  ?=
 
-.PHONY: help install proto model generate serve test lint bench-engine soak clean
+.PHONY: help install proto model generate serve test lint bench-engine soak image deploy-smoke clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -63,6 +63,14 @@ bench-engine: install model  ## offline engine tok/s vs transformers generate, b
 
 soak: install model  ## RSS over 1,000 sequential requests
 	$(PY) bench/rss_soak.py --requests 1000
+
+CONTAINER ?= $(shell command -v podman || command -v docker)
+image:  ## build the CPU image (attnserve:cpu) with podman or docker
+	$(CONTAINER) build -f deploy/Dockerfile -t attnserve:cpu --build-arg BASE_IMAGE=docker.io/library/python:3.11-slim-bookworm \
+	  --build-arg PIP_ARGS="--extra-index-url https://download.pytorch.org/whl/cpu" .
+
+deploy-smoke: install model  ## build the CPU image offline with podman, run it, call it, drain it (several minutes)
+	bash deploy/smoke.sh
 
 lint: install  ## ruff
 	$(VENV)/bin/ruff check .
