@@ -16,7 +16,7 @@ MODEL_CACHE  ?= .cache/models
 STAMP        := $(VENV)/.installed
 PYTEST_ARGS  ?=
 
-.PHONY: help install proto model generate serve test lint bench-engine soak image deploy-smoke clean
+.PHONY: help install proto model generate serve test lint bench bench-engine llama-server soak image deploy-smoke clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -57,6 +57,12 @@ generate: install model  ## generate a reply on the default model, no server: ma
 
 test: install model  ## install what is missing, then run the suite
 	$(PY) -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS)
+
+bench: install model  ## start each server, sweep C=1..32 over gRPC/HTTP, stop it (attnserve, transformers, llama-server)
+	$(PY) bench/run_bench.py
+
+llama-server:  ## build llama.cpp's llama-server as a benchmark peer (5-6 min; never needed by tests)
+	bash bench/build_llama_server.sh
 
 bench-engine: install model  ## offline engine tok/s vs transformers generate, bf16 and fp32 (several minutes)
 	$(PY) bench/engine_bench.py
