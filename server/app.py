@@ -132,6 +132,8 @@ class Server:
         if self._draining:
             return
         self._draining = True
+        if self.engine is not None:
+            self.engine.stop_accepting()  # before health flips, so NOT_SERVING always means refused
         log.info("draining: NOT_SERVING, in-flight requests get %.0fs", self.config.shutdown_timeout)
         await self.set_health(NOT_SERVING)
         if self.engine is not None:

@@ -26,6 +26,7 @@ from server.runner import CacheConfig, ModelRunner
 from server.scheduler import RequestDelta, RunnerOutput, Scheduler, SchedulerConfig, SchedulerOutput
 
 log = logging.getLogger("attnserve.engine")
+DEADLINE_SLACK_S = 0.05
 
 
 class EngineStoppedError(RuntimeError):
@@ -78,7 +79,11 @@ class RequestStream:
                 yield out
         finally:
             if not self.finished:  # the reader went away (cancelled, disconnected): stop the work
-                self._engine.abort(self.request_id)
+                # gRPC cancels the handler when the client's deadline passes, a hair before our
+                # copy of that deadline: count it as a deadline, not a cancel.
+                deadline = self.request.deadline
+                late = deadline is not None and time.monotonic() >= deadline - DEADLINE_SLACK_S
+                self._engine.abort(self.request_id, FinishReason.DEADLINE if late else FinishReason.ABORT)
 
     def _put(self, out: RequestOutput) -> None:
         self._queue.put_nowait(out)
@@ -130,9 +135,13 @@ class Engine:
             self._thread.start()
         return self
 
+    def stop_accepting(self) -> None:
+        """Refuse new requests from now on (EngineStoppedError); in-flight ones go on."""
+        self._accepting = False
+
     def shutdown(self, timeout: float = 30.0) -> None:
         """Stop taking requests, let in-flight ones finish for up to ``timeout`` s, abort the rest."""
-        self._accepting = False
+        self.stop_accepting()
         deadline = time.monotonic() + timeout
         while self.has_work and time.monotonic() < deadline and self.is_alive:
             time.sleep(0.01)

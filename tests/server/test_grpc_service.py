@@ -283,8 +283,7 @@ def test_sigterm_lets_streams_finish_and_exits_zero(tmp_path) -> None:
     assert first_token.wait(30)
     assert server.proc is not None
     server.proc.send_signal(15)
-    time.sleep(0.3)
-    assert health_status(server.target) in ("NOT_SERVING", None)
+    _wait_for(lambda: health_status(server.target) in ("NOT_SERVING", None), timeout=10.0)
     with Client(server.target) as late, pytest.raises(UnavailableError, match="shutting down"):
         late.generate("late", max_tokens=2)
     for t in threads:
