@@ -76,6 +76,8 @@ def sweep(backend: str, target: str, label: str, args: argparse.Namespace, out: 
             target,
             "--label",
             label,
+            "--requests-per-concurrency",
+            str(args.requests_per_concurrency),
             "--concurrency",
             *map(str, args.concurrency),
             "--input-len",
@@ -101,7 +103,7 @@ def offline_engine(model: str, dtype: str, concurrency: int, args: argparse.Name
 
     loaded = load_model(model, dtype=parse_dtype(dtype))
     engine = Engine(loaded, EngineConfig(cache=CacheConfig(kv_cache_memory=1 << 30))).start()
-    n = max(2 * concurrency, 8)
+    n = max(args.requests_per_concurrency * concurrency, 4)
     prompts = bench.make_prompts(n, args.input_len, args.output_len, "random", concurrency)
     ids = [loaded.tokenizer.encode(p.text) for p in prompts]
     params = SamplingParams(max_tokens=args.output_len, ignore_eos=True)
@@ -133,6 +135,7 @@ def main() -> None:
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
     p.add_argument("--input-len", type=int, default=64)
     p.add_argument("--output-len", type=int, default=64)
+    p.add_argument("--requests-per-concurrency", type=int, default=2, help="requests per point: max(k*C, 4)")
     p.add_argument("--llama-server", default=os.environ.get("LLAMA_SERVER", ".cache/llama.cpp/build/bin/llama-server"))
     p.add_argument("--out", type=Path, default=Path("bench/results"))
     args = p.parse_args()
@@ -230,6 +233,8 @@ def main() -> None:
                         f"http://127.0.0.1:{port}",
                         "--label",
                         "llama-server",
+                        "--requests-per-concurrency",
+                        str(args.requests_per_concurrency),
                         "--concurrency",
                         str(c),
                         "--input-len",

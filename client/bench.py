@@ -348,7 +348,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--label", default=None, help="name in the report (default: the backend)")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
     p.add_argument("--rate", type=float, default=None, help="open loop: Poisson arrivals per second")
-    p.add_argument("--num-requests", type=int, default=None, help="per point (default: max(2*C, 8))")
+    p.add_argument("--num-requests", type=int, default=None, help="per point (default: max(k*C, 4), k below)")
+    p.add_argument("--requests-per-concurrency", type=int, default=2, help="k: requests per point per unit of C")
     p.add_argument("--input-len", type=int, default=64)
     p.add_argument("--output-len", type=int, default=64)
     p.add_argument("--dataset", choices=["random", "mixed"], default="random")
@@ -373,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     points = [("rate", a.rate)] if a.rate else [("concurrency", c) for c in a.concurrency]
     rows = []
     for kind, value in points:
-        n = a.num_requests or max(2 * int(value), 8)
+        n = a.num_requests or max(a.requests_per_concurrency * int(value), 4)
         prompts = make_prompts(n, a.input_len, a.output_len, a.dataset, a.seed + int(value), a.attention_every)
         progress = Progress(n, f"{label} {kind}={value}", enabled=not a.no_progress and sys.stderr.isatty())
         if kind == "rate":
