@@ -135,7 +135,7 @@ def main() -> None:
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
     p.add_argument("--input-len", type=int, default=64)
     p.add_argument("--output-len", type=int, default=64)
-    p.add_argument("--requests-per-concurrency", type=int, default=2, help="requests per point: max(k*C, 4)")
+    p.add_argument("--requests-per-concurrency", type=int, default=1, help="requests per point: max(k*C, 4)")
     p.add_argument("--llama-server", default=os.environ.get("LLAMA_SERVER", ".cache/llama.cpp/build/bin/llama-server"))
     p.add_argument("--out", type=Path, default=Path("bench/results"))
     args = p.parse_args()
