@@ -176,7 +176,17 @@ def main() -> None:
                     time.sleep(0.5)
             table["attnserve"] = sweep("attnserve", f"127.0.0.1:{port}", "attnserve", args, args.out, [])
             table["attnserve +25% attention"] = sweep(
-                "attnserve", f"127.0.0.1:{port}", "attnserve-attention", args, args.out, ["--attention-every", "4"]
+                "attnserve",
+                f"127.0.0.1:{port}",
+                "attnserve-attention",
+                args,
+                args.out,
+                [
+                    "--attention-every",
+                    "4",
+                    "--seed",
+                    "1000",
+                ],  # other prompts: no prefix-cache hits on the first sweep's
             )
         finally:
             stop(proc)
