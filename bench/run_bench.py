@@ -114,7 +114,8 @@ def offline_engine(model: str, dtype: str, concurrency: int, args: argparse.Name
         async def worker() -> None:
             nonlocal produced
             while queue:
-                produced += len((await engine.generate(queue.pop(), params)).token_ids)
+                out = await engine.generate(queue.pop(), params)
+                produced += len(out.token_ids)  # after the await: `x += await ...` would lose updates
 
         await asyncio.gather(*[worker() for _ in range(concurrency)])
         return produced
@@ -174,20 +175,23 @@ def main() -> None:
             with Client(f"127.0.0.1:{port}") as c:
                 while c.health() != "SERVING":
                     time.sleep(0.5)
-            table["attnserve"] = sweep("attnserve", f"127.0.0.1:{port}", "attnserve", args, args.out, [])
-            table["attnserve +25% attention"] = sweep(
-                "attnserve",
-                f"127.0.0.1:{port}",
-                "attnserve-attention",
-                args,
-                args.out,
-                [
-                    "--attention-every",
-                    "4",
-                    "--seed",
-                    "1000",
-                ],  # other prompts: no prefix-cache hits on the first sweep's
-            )
+            # Plain and 25%-attention points interleaved per C, so drift over a long run hits both alike.
+            target = f"127.0.0.1:{port}"
+            for c in args.concurrency:
+                point = argparse.Namespace(**{**vars(args), "concurrency": [c]})
+                table.setdefault("attnserve", []).extend(
+                    sweep("attnserve", target, f"attnserve-c{c}", point, args.out, [])
+                )
+                table.setdefault("attnserve +25% attention", []).extend(
+                    sweep(
+                        "attnserve",
+                        target,
+                        f"attnserve-attention-c{c}",
+                        point,
+                        args.out,
+                        ["--attention-every", "4", "--seed", "1000"],
+                    )  # other prompts: no prefix-cache hits
+                )
         finally:
             stop(proc)
         c_max = max(args.concurrency)
@@ -259,6 +263,8 @@ def main() -> None:
             finally:
                 stop(proc)
         table["llama-server"] = rows
+    for name, rows in table.items():  # one throughput/latency-vs-concurrency plot per system
+        bench.plot(args.out / f"{name.replace(' ', '_').replace('%', 'pct')}.png", name, rows)
 
     print(
         f"\nprompt ~{args.input_len} tokens, {args.output_len} output tokens (EOS ignored), greedy, "
