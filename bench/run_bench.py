@@ -238,28 +238,8 @@ def main() -> None:
             )
             try:
                 wait_http(f"http://127.0.0.1:{port}/health", proc)
-                path = args.out / f"llama-server-c{c}.json"
-                bench.main(
-                    [
-                        "--backend",
-                        "openai",
-                        "--target",
-                        f"http://127.0.0.1:{port}",
-                        "--label",
-                        "llama-server",
-                        "--requests-per-concurrency",
-                        str(args.requests_per_concurrency),
-                        "--concurrency",
-                        str(c),
-                        "--input-len",
-                        str(args.input_len),
-                        "--output-len",
-                        str(args.output_len),
-                        "--json",
-                        str(path),
-                    ]
-                )
-                rows += json.loads(path.read_text())["results"]
+                point = argparse.Namespace(**{**vars(args), "concurrency": [c]})
+                rows += sweep("openai", f"http://127.0.0.1:{port}", f"llama-server-c{c}", point, args.out, [])
             finally:
                 stop(proc)
         table["llama-server"] = rows
