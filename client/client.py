@@ -174,8 +174,10 @@ class _Connection:
         tls: bool = False,
         root_certificates: bytes | None = None,
         timeout: float | None = None,
+        options: Sequence[tuple[str, Any]] = (),
     ) -> None:
-        options = [("grpc.max_receive_message_length", 64 << 20), ("grpc.keepalive_time_ms", 30_000)]
+        """``options`` are extra gRPC channel arguments, e.g. a round-robin service config."""
+        options = [("grpc.max_receive_message_length", 64 << 20), ("grpc.keepalive_time_ms", 30_000), *options]
         self._metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {token}"),) if token else ()
         self._timeout = timeout
         if tls or root_certificates:
