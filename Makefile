@@ -22,38 +22,41 @@ help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
 
 PROTOS  := $(wildcard proto/attnserve/v1/*.proto)
-GEN_DIR := attnserve/v1
+GEN_DIR := proto/attnserve/v1
 GEN     := $(GEN_DIR)/generate_pb2.py
 
-$(STAMP): pyproject.toml $(CONSTRAINTS)
+$(STAMP): pyproject.toml client/pyproject.toml $(CONSTRAINTS)
 	test -x $(PY) || $(PYTHON_BOOT) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet --find-links $(TORCH_WHEELS) $(TORCH_PIN)
 	$(PIP) install --quiet -c $(CONSTRAINTS) grpcio-tools mypy-protobuf
 	$(MAKE) --no-print-directory proto
+	rm -rf attnserve  # stubs' old home at the top level: it would shadow the installed namespace
+	$(PIP) install --quiet -c $(CONSTRAINTS) -e ./client
 	$(PIP) install --quiet --find-links $(TORCH_WHEELS) -c $(CONSTRAINTS) -e '.[test,dev]'
 	touch $(STAMP)
 
 install: $(STAMP) $(GEN)  ## create .venv with torch (CPU, local wheel), the project and its extras
 
-# Generated stubs (with .pyi) live in the `attnserve` package; git ignores them.
+# Generated stubs (with .pyi) sit beside their .proto and install as attnserve.v1 with the
+# client (client/pyproject.toml); git ignores them.
 $(GEN): $(PROTOS)
-	mkdir -p $(GEN_DIR)
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m grpc_tools.protoc -Iproto --python_out=. --pyi_out=. --grpc_python_out=. --mypy_grpc_out=. $(PROTOS)
-	touch attnserve/__init__.py $(GEN_DIR)/__init__.py
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) -m grpc_tools.protoc -Iproto --python_out=proto --pyi_out=proto \
+	  --grpc_python_out=proto --mypy_grpc_out=proto $(PROTOS)
+	touch $(GEN_DIR)/__init__.py
 
 proto: $(GEN)  ## generate the gRPC stubs from proto/
 
 model: $(STAMP)  ## fetch the default model (SmolLM2-135M-Instruct GGUF) and print its path
-	@$(PY) -m model.fetch --cache-dir $(MODEL_CACHE)
+	@$(PY) -m attnserve.model.fetch --cache-dir $(MODEL_CACHE)
 
 SERVE_ARGS ?=
 serve: install model  ## install, fetch the default model, serve gRPC on :50051 and metrics on :8000
-	$(PY) -m server $(SERVE_ARGS)
+	$(PY) -m attnserve.server $(SERVE_ARGS)
 
 PROMPT ?= What is the capital of France?
 generate: install model  ## generate a reply on the default model, no server: make generate PROMPT="..."
-	$(PY) -m model generate "$(PROMPT)"
+	$(PY) -m attnserve.model generate "$(PROMPT)"
 
 test: install model  ## install what is missing, then run the suite
 	$(PY) -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS)

@@ -15,13 +15,11 @@ import asyncio
 import time
 
 import torch
-
-from model.fetch import default_model_path
-from model.loader import load_model, parse_dtype
-from server.engine import Engine, EngineConfig
-from server.request import AttentionOptions, SamplingParams
-from server.runner import CacheConfig
-from server.scheduler import SchedulerConfig
+from attnserve.model.fetch import default_model_path
+from attnserve.model.loader import load_model, parse_dtype
+from attnserve.server.engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from attnserve.server.engine.core import Engine
+from attnserve.server.engine.request import AttentionOptions, SamplingParams
 
 
 def run(loaded, prompts: list[list[int]], concurrency: int, output_len: int, asking_every: int | None) -> dict:

@@ -19,13 +19,11 @@ import time
 from pathlib import Path
 
 import torch
-
-from model.fetch import default_model_path
-from model.loader import load_model, parse_dtype
-from server.engine import Engine, EngineConfig
-from server.request import SamplingParams
-from server.runner import CacheConfig
-from server.scheduler import SchedulerConfig
+from attnserve.model.fetch import default_model_path
+from attnserve.model.loader import load_model, parse_dtype
+from attnserve.server.engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from attnserve.server.engine.core import Engine
+from attnserve.server.engine.request import SamplingParams
 
 
 def make_prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:

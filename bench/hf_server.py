@@ -18,9 +18,8 @@ from pathlib import Path
 
 import torch
 import transformers
+from attnserve.model.fetch import default_model_path
 from transformers.generation.streamers import BaseStreamer
-
-from model.fetch import default_model_path
 
 
 class QueueStreamer(BaseStreamer):

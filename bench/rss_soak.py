@@ -12,12 +12,11 @@ import time
 from pathlib import Path
 
 import torch
-
-from model.fetch import default_model_path
-from model.loader import load_model, parse_dtype
-from server.engine import Engine, EngineConfig
-from server.request import SamplingParams
-from server.runner import CacheConfig
+from attnserve.model.fetch import default_model_path
+from attnserve.model.loader import load_model, parse_dtype
+from attnserve.server.engine.config import CacheConfig, EngineConfig
+from attnserve.server.engine.core import Engine
+from attnserve.server.engine.request import SamplingParams
 
 
 def rss_mib() -> float:

@@ -26,8 +26,8 @@ import time
 import urllib.request
 from pathlib import Path
 
-from client import bench
-from model.fetch import default_model_path
+from attnserve.client import bench
+from attnserve.model.fetch import default_model_path
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -96,10 +96,10 @@ def sweep(backend: str, target: str, label: str, args: argparse.Namespace, out: 
 
 def offline_engine(model: str, dtype: str, concurrency: int, args: argparse.Namespace) -> float:
     """The engine in-process, no gRPC, on the same prompts as the sweep's C point."""
-    from model.loader import load_model, parse_dtype
-    from server.engine import Engine, EngineConfig
-    from server.request import SamplingParams
-    from server.runner import CacheConfig
+    from attnserve.model.loader import load_model, parse_dtype
+    from attnserve.server.engine.config import CacheConfig, EngineConfig
+    from attnserve.server.engine.core import Engine
+    from attnserve.server.engine.request import SamplingParams
 
     loaded = load_model(model, dtype=parse_dtype(dtype))
     engine = Engine(loaded, EngineConfig(cache=CacheConfig(kv_cache_memory=1 << 30))).start()
@@ -170,7 +170,7 @@ def main() -> None:
         )
         try:
             wait_http(f"http://127.0.0.1:{mport}/metrics", proc)
-            from client import Client
+            from attnserve.client import Client
 
             with Client(f"127.0.0.1:{port}") as c:
                 while c.health() != "SERVING":

@@ -1,6 +1,6 @@
 """attnserve's Python client: grpc and the generated stubs only (no torch)."""
 
-from client.client import (
+from attnserve.client.client import (
     AsyncClient,
     AttnserveError,
     CancelledError,

@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from client.client import DEFAULT_TARGET, AttnserveError, Client
+from attnserve.client.client import DEFAULT_TARGET, AttnserveError, Client
 
 
 def _client(args: argparse.Namespace) -> Client:
@@ -67,7 +67,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
         if args.attention_png:
-            from client.heatmap import render_png
+            from attnserve.client.heatmap import render_png
 
             info = client.model_info()
             layer = args.attention_layer % info.num_layers

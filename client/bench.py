@@ -115,7 +115,7 @@ def make_prompts(
 
 # --------------------------------------------------------------------- backends
 def attnserve_call(target: str, token: str | None) -> Callable[[Prompt], RequestResult]:
-    from client.client import Client
+    from attnserve.client.client import Client
 
     local = threading.local()
 
@@ -325,7 +325,7 @@ def plot(path: Path, label: str, rows: list[dict]) -> bool:
 
 
 def _wait_serving(target: str, token: str | None, timeout: float = 300.0) -> None:
-    from client.client import Client
+    from attnserve.client.client import Client
 
     deadline = time.monotonic() + timeout
     with Client(target, token=token) as c:

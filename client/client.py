@@ -1,6 +1,6 @@
 """attnserve's Python client: a sync `Client` and an `AsyncClient` on one request builder.
 
-    from client import Client
+    from attnserve.client import Client
     with Client("localhost:50051") as c:
         print(c.generate("What is the capital of France?", chat=True, max_tokens=32).text)
         for chunk in c.generate_stream("Once upon a time", max_tokens=64):
@@ -16,10 +16,9 @@ from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from attnserve.v1 import generate_pb2 as pb
 from attnserve.v1 import generate_pb2_grpc as pb_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 DEFAULT_TARGET = "localhost:50051"
 Message = Mapping[str, str] | tuple[str, str]

@@ -15,7 +15,7 @@ BASE=localhost/pybase:bookworm
 NAME=attnserve-smoke
 GRPC_PORT=${SMOKE_GRPC_PORT:-50071}
 METRICS_PORT=${SMOKE_METRICS_PORT:-8071}
-MODEL=$($PY -m model.fetch)
+MODEL=$($PY -m attnserve.model.fetch)
 
 mkdir -p "$WORK"
 cat > "$WORK/containers.conf" <<CONF

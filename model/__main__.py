@@ -9,9 +9,9 @@ import argparse
 import sys
 import time
 
-from model.detokenizer import IncrementalDetokenizer
-from model.errors import ModelLoadError
-from model.fetch import default_model_path
+from attnserve.model.detokenizer import IncrementalDetokenizer
+from attnserve.model.errors import ModelLoadError
+from attnserve.model.fetch import default_model_path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,9 +38,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         import torch
-
-        from model.generate import generate_tokens
-        from model.loader import load_model, parse_dtype
+        from attnserve.model.generate import generate_tokens
+        from attnserve.model.loader import load_model, parse_dtype
 
         start = time.perf_counter()
         loaded = load_model(args.model, device=args.device, dtype=parse_dtype(args.dtype) if args.dtype else None)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from model.errors import ModelLoadError
+from attnserve.model.errors import ModelLoadError
 
 # Architectures whose decoder is ours (see model/llama.py). Qwen2 differs only by a qkv bias.
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")

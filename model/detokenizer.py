@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from model.tokenizer import Tokenizer
+from attnserve.model.tokenizer import Tokenizer
 
 _REPLACEMENT = "\ufffd"
 _CONTEXT_TOKENS = 5  # tokens of left context; enough for any tokenizer's merge of spaces

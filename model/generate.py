@@ -10,11 +10,10 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 
 import torch
-
-from model.attention import AttentionMetadata
-from model.kv_cache import KVCache
-from model.llama import LlamaForCausalLM
-from model.sampling import SamplingTensors, sample, step_generator
+from attnserve.model.attention import AttentionMetadata
+from attnserve.model.kv_cache import KVCache
+from attnserve.model.llama import LlamaForCausalLM
+from attnserve.model.sampling import SamplingTensors, sample, step_generator
 
 
 @torch.inference_mode()

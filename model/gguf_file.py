@@ -14,9 +14,8 @@ from typing import Any
 
 import numpy as np
 import torch
-
-from model.config import ModelConfig
-from model.errors import ModelLoadError
+from attnserve.model.config import ModelConfig
+from attnserve.model.errors import ModelLoadError
 
 SUPPORTED_TENSOR_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K")
 _PERMUTED_ARCHITECTURES = ("llama", "mistral")

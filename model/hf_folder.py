@@ -7,8 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-
-from model.errors import ModelLoadError
+from attnserve.model.errors import ModelLoadError
 
 
 def safetensors_files(folder: Path) -> list[Path]:

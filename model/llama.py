@@ -13,13 +13,12 @@ from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
+from attnserve.model.attention import AttentionMetadata, paged_attention
+from attnserve.model.config import ModelConfig
+from attnserve.model.errors import ModelLoadError
+from attnserve.model.kv_cache import KVCache
+from attnserve.model.rope import RotaryEmbedding, apply_rotary
 from torch import nn
-
-from model.attention import AttentionMetadata, paged_attention
-from model.config import ModelConfig
-from model.errors import ModelLoadError
-from model.kv_cache import KVCache
-from model.rope import RotaryEmbedding, apply_rotary
 
 
 def _can_pack(weight: torch.Tensor) -> bool:

@@ -11,13 +11,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-
-from model.config import ModelConfig, named_config
-from model.errors import ModelLoadError
-from model.gguf_file import GGUFFile
-from model.hf_folder import safetensors_weights
-from model.llama import LlamaForCausalLM
-from model.tokenizer import Tokenizer
+from attnserve.model.config import ModelConfig, named_config
+from attnserve.model.errors import ModelLoadError
+from attnserve.model.gguf_file import GGUFFile
+from attnserve.model.hf_folder import safetensors_weights
+from attnserve.model.llama import LlamaForCausalLM
+from attnserve.model.tokenizer import Tokenizer
 
 DUMMY_PREFIX = "dummy:"
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
-
-from model.config import ModelConfig, RopeScaling
+from attnserve.model.config import ModelConfig, RopeScaling
 
 
 def inverse_frequencies(config: ModelConfig, freq_factors: torch.Tensor | None = None) -> torch.Tensor:

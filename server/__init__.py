@@ -1,2 +1,6 @@
-"""attnserve's serving side: request, scheduler and block manager (plain Python);
-runner and engine (torch); servicer, interceptors and metrics (grpc)."""
+"""attnserve's serving side.
+
+engine/  the core: request, scheduler, block manager (plain Python); runner, engine loop, outputs (torch)
+api/     the front doors (gRPC) and what they share: validation, prompt building, serving, error kinds
+app, config, metrics  process wiring
+"""

@@ -1,7 +1,7 @@
-"""`python -m server`: the attnserve gRPC server."""
+"""`python -m server` (from a checkout) or `python -m attnserve.server`: the attnserve server."""
 
 import sys
 
-from server.app import main
+from attnserve.server.app import main
 
 sys.exit(main())

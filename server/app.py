@@ -1,4 +1,4 @@
-"""Assembles the server: model, engine, gRPC services, health, metrics, signals.
+"""Process wiring: start the metrics server and the doors, load and warm the engine, health, drain.
 
 Lifecycle: health NOT_SERVING -> load and warm up (one real forward) -> SERVING.
 SIGTERM/SIGINT: NOT_SERVING, new calls refused with UNAVAILABLE, in-flight
@@ -13,19 +13,22 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
+from attnserve.model.errors import ModelLoadError
+from attnserve.server.api.grpc import GeneratorServicer
+from attnserve.server.api.grpc_auth import BearerTokenInterceptor
+from attnserve.server.api.serving import GenerationService
+from attnserve.server.config import ServerConfig, parse_config
+from attnserve.server.engine.request import SamplingParams
+from attnserve.server.metrics import Metrics
+from attnserve.v1 import generate_pb2, generate_pb2_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from attnserve.v1 import generate_pb2, generate_pb2_grpc
-from model.errors import ModelLoadError
-from server.config import ServerConfig, parse_config
-from server.engine import Engine
-from server.interceptors import BearerTokenInterceptor
-from server.metrics import Metrics
-from server.request import SamplingParams
-from server.servicer import GeneratorServicer, Limits
+if TYPE_CHECKING:
+    from attnserve.server.engine.core import Engine
 
 log = logging.getLogger("attnserve")
 SERVICE_NAME = generate_pb2.DESCRIPTOR.services_by_name["Generator"].full_name
@@ -38,6 +41,7 @@ class Server:
         self.config = config
         self.health = health.aio.HealthServicer()
         self.metrics = Metrics()
+        self.service = GenerationService(self.metrics, config.limits)
         self.engine: Engine | None = None
         self.grpc_server: grpc.aio.Server | None = None
         self.port = 0
@@ -66,8 +70,7 @@ class Server:
             interceptors.append(BearerTokenInterceptor(Path(c.auth_token_file).read_text().strip()))
         self.grpc_server = grpc.aio.server(interceptors=interceptors, options=options)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
-        servicer = GeneratorServicer(self.metrics, limits=Limits(max_stop_strings=c.max_stop_strings))
-        generate_pb2_grpc.add_GeneratorServicer_to_server(servicer, self.grpc_server)
+        generate_pb2_grpc.add_GeneratorServicer_to_server(GeneratorServicer(self.service), self.grpc_server)
         await self.set_health(NOT_SERVING)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
@@ -87,20 +90,23 @@ class Server:
         self.engine = await asyncio.get_running_loop().run_in_executor(None, self._load_engine)
         await self._warm_up()
         self.metrics.bind_engine(self.engine)  # after warm-up: it is not traffic
-        servicer.attach(self.engine)
+        self.service.attach(self.engine)
         await self.set_health(SERVING)
+        info = self.engine.info()
         log.info(
             "SERVING %s (%s, %s, %d KV blocks of %d tokens, context %d)",
-            self.engine.loaded.config.name,
-            self.engine.runner.device,
-            self.engine.runner.model.dtype,
-            self.engine.runner.num_blocks,
-            self.engine.runner.block_size,
-            self.engine.max_model_len,
+            info.model_name,
+            info.device,
+            info.dtype,
+            info.kv_cache_blocks,
+            info.kv_cache_block_size,
+            info.context_length,
         )
 
     def _load_engine(self) -> Engine:
-        from model.loader import load_model, parse_dtype
+        # torch comes in here, not at import: `python -m server --help` stays quick.
+        from attnserve.model.loader import load_model, parse_dtype
+        from attnserve.server.engine.core import Engine
 
         c = self.config
         loaded = load_model(c.model, device=c.device, dtype=parse_dtype(c.dtype) if c.dtype else None)

@@ -1,7 +1,9 @@
 """Server configuration: command-line flags with ATTNSERVE_* environment fallbacks.
 
 Read once at start-up into frozen dataclasses. Every flag ``--some-flag`` can also be
-set as ``ATTNSERVE_SOME_FLAG``; the command line wins.
+set as ``ATTNSERVE_SOME_FLAG``; the command line wins. Flags take their defaults from
+the dataclasses (one source for defaults and limits). Nothing here imports torch, so
+``python -m server --help`` is quick.
 """
 
 from __future__ import annotations
@@ -12,10 +14,9 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from model.fetch import default_model_path
-from server.engine import EngineConfig
-from server.runner import CacheConfig
-from server.scheduler import SchedulerConfig
+from attnserve.model.fetch import default_model_path
+from attnserve.server.api.validation import RequestLimits
+from attnserve.server.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
 _UNITS = {
@@ -64,10 +65,8 @@ class ServerConfig:
     tls_key: str | None = None
     auth_token_file: str | None = None
     max_message_bytes: int = 4 << 20
-    max_stop_strings: int = 16
-    max_stop_string_chars: int = 256
-    max_logprobs: int = 20
     log_level: str = "INFO"
+    limits: RequestLimits = field(default_factory=RequestLimits)
     engine: EngineConfig = field(default_factory=EngineConfig)
 
     def __post_init__(self) -> None:
@@ -82,6 +81,10 @@ class ServerConfig:
             raise ValueError("max_message_bytes must be at least 1024")
 
 
+_SERVER, _LIMITS = ServerConfig(model=""), RequestLimits()
+_SCHED, _CACHE = SchedulerConfig(), CacheConfig()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m server",
@@ -89,38 +92,67 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--model", default=str(default_model_path()), help="a .gguf file, an HF folder, or dummy:NAME")
-    p.add_argument("--host", default="0.0.0.0", help="gRPC bind address")
-    p.add_argument("--port", type=int, default=50051, help="gRPC port")
-    p.add_argument("--metrics-host", default="0.0.0.0", help="Prometheus /metrics bind address")
-    p.add_argument("--metrics-port", type=int, default=8000, help="Prometheus /metrics port")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N")
-    p.add_argument("--dtype", default=None, help="float32 or bfloat16 (default: bf16 where the hardware has it)")
+    p.add_argument("--host", default=_SERVER.host, help="gRPC bind address")
+    p.add_argument("--port", type=int, default=_SERVER.port, help="gRPC port")
+    p.add_argument("--metrics-host", default=_SERVER.metrics_host, help="Prometheus /metrics bind address")
+    p.add_argument("--metrics-port", type=int, default=_SERVER.metrics_port, help="Prometheus /metrics port")
+    p.add_argument("--device", default=_SERVER.device, help="cpu, cuda, cuda:N")
+    p.add_argument(
+        "--dtype", default=_SERVER.dtype, help="float32 or bfloat16 (default: bf16 where the hardware has it)"
+    )
     p.add_argument("--max-model-len", type=int, default=None, help="prompt + output tokens per request")
-    p.add_argument("--max-num-seqs", type=int, default=64, help="requests running at once")
-    p.add_argument("--max-num-batched-tokens", type=int, default=512, help="tokens per engine step")
-    p.add_argument("--max-num-waiting", type=int, default=256, help="queued requests before RESOURCE_EXHAUSTED")
-    p.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
+    p.add_argument("--max-num-seqs", type=int, default=_SCHED.max_num_seqs, help="requests running at once")
+    p.add_argument(
+        "--max-num-batched-tokens", type=int, default=_SCHED.max_num_batched_tokens, help="tokens per engine step"
+    )
+    p.add_argument(
+        "--max-num-waiting", type=int, default=_SCHED.max_num_waiting, help="queued requests before RESOURCE_EXHAUSTED"
+    )
+    p.add_argument("--block-size", type=int, default=_CACHE.block_size, help="tokens per KV cache block")
     p.add_argument(
         "--kv-cache-memory",
         type=parse_bytes,
         default=None,
-        help="KV cache size (e.g. 1GiB); default 1GiB on CPU, --gpu-memory-utilization on CUDA",
+        help=f"KV cache size (e.g. 1GiB); default {_CACHE.cpu_kv_cache_memory >> 30}GiB on CPU, "
+        "--gpu-memory-utilization on CUDA",
     )
-    p.add_argument("--gpu-memory-utilization", type=float, default=0.85, help="fraction of free GPU memory for KV")
+    p.add_argument(
+        "--gpu-memory-utilization",
+        type=float,
+        default=_CACHE.gpu_memory_utilization,
+        help="fraction of free GPU memory for KV",
+    )
     p.add_argument("--no-prefix-caching", action="store_true", help="disable prefix caching")
-    p.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM")
+    p.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=_SERVER.shutdown_timeout,
+        help="seconds in-flight requests get on SIGTERM",
+    )
     p.add_argument(
         "--stall-timeout",
         type=float,
-        default=30.0,
+        default=_SERVER.stall_timeout,
         help="health turns NOT_SERVING if no step completes for this long while requests wait",
     )
     p.add_argument("--tls-cert", default=None, help="PEM certificate chain (enables TLS with --tls-key)")
     p.add_argument("--tls-key", default=None, help="PEM private key")
     p.add_argument("--auth-token-file", default=None, help="file holding the bearer token clients must send")
-    p.add_argument("--max-message-bytes", type=parse_bytes, default=4 << 20, help="largest request message")
-    p.add_argument("--max-stop-strings", type=int, default=16, help="stop strings per request")
-    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument(
+        "--max-message-bytes", type=parse_bytes, default=_SERVER.max_message_bytes, help="largest request message"
+    )
+    p.add_argument("--max-stop-strings", type=int, default=_LIMITS.max_stop_strings, help="stop strings per request")
+    p.add_argument(
+        "--max-stop-string-chars", type=int, default=_LIMITS.max_stop_string_chars, help="characters per stop string"
+    )
+    p.add_argument("--max-logprobs", type=int, default=_LIMITS.max_logprobs, help="top logprobs per token")
+    p.add_argument(
+        "--default-max-tokens",
+        type=int,
+        default=_LIMITS.default_max_tokens,
+        help="max_tokens of a request that sets none (capped by the context)",
+    )
+    p.add_argument("--log-level", default=_SERVER.log_level, choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p
 
 
@@ -170,6 +202,12 @@ def parse_config(argv: Sequence[str] | None = None, environ: dict[str, str] | No
             ),
             max_model_len=a.max_model_len,
         )
+        limits = RequestLimits(
+            max_stop_strings=a.max_stop_strings,
+            max_stop_string_chars=a.max_stop_string_chars,
+            max_logprobs=a.max_logprobs,
+            default_max_tokens=a.default_max_tokens,
+        )
         return ServerConfig(
             model=a.model,
             host=a.host,
@@ -184,8 +222,8 @@ def parse_config(argv: Sequence[str] | None = None, environ: dict[str, str] | No
             tls_key=a.tls_key,
             auth_token_file=a.auth_token_file,
             max_message_bytes=a.max_message_bytes,
-            max_stop_strings=a.max_stop_strings,
             log_level=a.log_level,
+            limits=limits,
             engine=engine,
         )
     except ValueError as exc:

@@ -7,12 +7,15 @@ calls the observer hooks; the servicer records failures that never reach the eng
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
+from attnserve.server.engine.outputs import RequestOutput
+from attnserve.server.engine.records import StepStats
+from attnserve.server.engine.request import FinishReason, Request
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, start_http_server
 
-from server.engine import Engine, StepStats
-from server.outputs import RequestOutput
-from server.request import FinishReason, Request
+if TYPE_CHECKING:
+    from attnserve.server.engine.core import Engine
 
 disable_created_metrics()  # no *_created series: they double every counter for no dashboard's benefit
 
@@ -130,9 +133,9 @@ class Metrics:
     def bind_engine(self, engine: Engine) -> None:
         """Read the gauges from the engine at scrape time, so they are never stale (an abort
         that leaves nothing to run still shows up at once)."""
-        self.running.set_function(lambda: engine.scheduler.num_running)
-        self.waiting.set_function(lambda: engine.scheduler.num_waiting)
-        self.kv_usage.set_function(lambda: engine.block_manager.usage)
+        self.running.set_function(lambda: engine.stats().num_running)
+        self.waiting.set_function(lambda: engine.stats().num_waiting)
+        self.kv_usage.set_function(lambda: engine.stats().kv_cache_usage)
         engine.step_observers.append(self.on_step)
         engine.output_observers.append(self.on_output)
 

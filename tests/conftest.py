@@ -7,9 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from model.fetch import default_model_path
-from model.loader import LoadedModel, load_model
+from attnserve.model.fetch import default_model_path
+from attnserve.model.loader import LoadedModel, load_model
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_MODEL = Path(os.environ.get("ATTNSERVE_TEST_MODEL", REPO / default_model_path()))

@@ -5,10 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-
-from model.attention import AttentionMetadata
-from model.kv_cache import KVCache
-from model.llama import LlamaForCausalLM
+from attnserve.model.attention import AttentionMetadata
+from attnserve.model.kv_cache import KVCache
+from attnserve.model.llama import LlamaForCausalLM
 
 
 def scattered_block_tables(lengths: Sequence[int], block_size: int) -> list[list[int]]:

@@ -10,9 +10,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from server.config import build_parser, flag_env_names, parse_config
-from server.metrics import Metrics
+from attnserve.server.config import build_parser, flag_env_names, parse_config
+from attnserve.server.metrics import Metrics
 
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "deploy" / "k8s"

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
-from model.generate import generate_tokens
-from model.loader import LoadedModel
+from attnserve.model.generate import generate_tokens
+from attnserve.model.loader import LoadedModel
 
 
 @pytest.mark.e2e

@@ -10,11 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-from model.config import ModelConfig, named_config
-from model.errors import ModelLoadError
-from model.loader import load_model
-from model.tokenizer import Tokenizer
+from attnserve.model.config import ModelConfig, named_config
+from attnserve.model.errors import ModelLoadError
+from attnserve.model.loader import load_model
+from attnserve.model.tokenizer import Tokenizer
 
 
 def _write_gguf(path: Path, architecture: str) -> Path:

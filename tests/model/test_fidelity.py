@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from attnserve.model.loader import LoadedModel, load_model
+from attnserve.model.tokenizer import Tokenizer
 
-from model.loader import LoadedModel, load_model
-from model.tokenizer import Tokenizer
 from tests.helpers import forward_all
 
 TOLERANCE = 1e-3

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
-from model.sampling import (
+from attnserve.model.sampling import (
     SamplingTensors,
     apply_repetition_penalty,
     apply_top_k_top_p_min_p,
@@ -14,6 +11,8 @@ from model.sampling import (
     step_generator,
     top_logprobs,
 )
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 VOCAB = 50
 

@@ -6,10 +6,9 @@ import random
 from pathlib import Path
 
 import pytest
-
-from model.detokenizer import IncrementalDetokenizer, StopStringMatcher
-from model.gguf_file import GGUFFile
-from model.tokenizer import Tokenizer
+from attnserve.model.detokenizer import IncrementalDetokenizer, StopStringMatcher
+from attnserve.model.gguf_file import GGUFFile
+from attnserve.model.tokenizer import Tokenizer
 
 _PIECES = [
     "Hello",

@@ -5,12 +5,11 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 
-from model.loader import LoadedModel
-from server.engine import Engine, EngineConfig
-from server.outputs import RequestOutput
-from server.request import SamplingParams
-from server.runner import CacheConfig
-from server.scheduler import SchedulerConfig
+from attnserve.model.loader import LoadedModel
+from attnserve.server.engine.config import CacheConfig, EngineConfig, SchedulerConfig
+from attnserve.server.engine.core import Engine
+from attnserve.server.engine.outputs import RequestOutput
+from attnserve.server.engine.request import SamplingParams
 
 
 def make_engine(

@@ -6,9 +6,9 @@ import math
 
 import grpc
 import pytest
-
+from attnserve.client import AttnserveError, Client
 from attnserve.v1 import generate_pb2 as pb
-from client import AttnserveError, Client
+
 from tests.server.server_process import ServerProcess
 
 # The tiny model: vocab 384, 2 layers, context 1024.

@@ -14,11 +14,11 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
-
+from attnserve.client import Client, DeadlineExceededError, UnauthenticatedError, UnavailableError
+from attnserve.model.attention import AttentionMetadata
+from attnserve.model.loader import load_model
 from attnserve.v1 import generate_pb2 as pb
-from client import Client, DeadlineExceededError, UnauthenticatedError, UnavailableError
-from model.attention import AttentionMetadata
-from model.loader import load_model
+
 from tests.helpers import new_cache, scattered_block_tables
 from tests.server.server_process import ServerProcess, health_status
 
@@ -369,7 +369,7 @@ def test_tls(tmp_path) -> None:
 def test_async_client(tiny_server: ServerProcess) -> None:
     import asyncio
 
-    from client import AsyncClient, InvalidArgumentError
+    from attnserve.client import AsyncClient, InvalidArgumentError
 
     async def go() -> None:
         async with AsyncClient(tiny_server.target, timeout=30) as c:

@@ -6,10 +6,9 @@ import asyncio
 import time
 from types import SimpleNamespace
 
+from attnserve.server.app import NOT_SERVING, SERVING, Server
+from attnserve.server.config import parse_config
 from grpc_health.v1 import health_pb2
-
-from server.app import NOT_SERVING, SERVING, Server
-from server.config import parse_config
 
 
 def test_stall_flips_health_and_recovery_restores_it() -> None:

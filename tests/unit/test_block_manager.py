@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from server.block_manager import BlockManager
-from server.request import Request, SamplingParams
+from attnserve.server.engine.block_manager import BlockManager
+from attnserve.server.engine.request import Request, SamplingParams
 
 
 def req(rid: str, tokens: list[int]) -> Request:

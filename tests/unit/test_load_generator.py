@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import pytest
-
-from client.bench import RequestResult, make_prompts, percentile, summarize
+from attnserve.client.bench import RequestResult, make_prompts, percentile, summarize
 
 
 def test_percentile_interpolates() -> None:

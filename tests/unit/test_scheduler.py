@@ -6,10 +6,12 @@ import subprocess
 import sys
 
 import pytest
-
-from server.block_manager import BlockManager
-from server.request import FinishReason, Request, RequestStatus, SamplingParams
-from server.scheduler import QueueFullError, RunnerOutput, Scheduler, SchedulerConfig, SchedulerOutput
+from attnserve.server.engine.block_manager import BlockManager
+from attnserve.server.engine.config import SchedulerConfig
+from attnserve.server.engine.errors import QueueFullError
+from attnserve.server.engine.records import RunnerOutput, SchedulerOutput
+from attnserve.server.engine.request import FinishReason, Request, RequestStatus, SamplingParams
+from attnserve.server.engine.scheduler import Scheduler
 
 
 class FakeClock:
@@ -48,7 +50,10 @@ def run(s: Scheduler, plan: SchedulerOutput, token: int = 7):
 
 
 def test_plain_python() -> None:
-    code = "import sys, server.scheduler, server.block_manager, server.request; sys.exit('torch' in sys.modules)"
+    code = (
+        "import sys, attnserve.server.engine.scheduler, attnserve.server.engine.block_manager, "
+        "attnserve.server.engine.records; sys.exit('torch' in sys.modules)"
+    )
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 

@@ -20,92 +20,12 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
-from server.block_manager import BlockManager
-from server.request import FINISHED_STATUS, FinishReason, Request, RequestStatus, SamplingParams
-
-
-class QueueFullError(RuntimeError):
-    """The waiting queue is at ``max_num_waiting``; the request was not admitted."""
-
-
-@dataclass(frozen=True)
-class SchedulerConfig:
-    max_num_batched_tokens: int = 512  # tokens per step (prefill chunks + decodes)
-    max_num_seqs: int = 64  # requests running at once
-    max_num_waiting: int = 256  # requests queued before admission is refused
-    max_model_len: int = 2048  # prompt + output tokens of one request
-
-    def __post_init__(self) -> None:
-        for name in ("max_num_batched_tokens", "max_num_seqs", "max_num_waiting", "max_model_len"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-
-
-@dataclass
-class ScheduledRequest:
-    """One request's share of a step: what the runner needs, nothing more."""
-
-    request_id: str
-    token_ids: list[int]  # the new tokens to compute
-    num_computed_tokens: int  # position of token_ids[0]
-    block_table: list[int]
-    params: SamplingParams
-    num_output_tokens: int  # generated so far: the seeded sampler's step
-    is_sampling: bool  # this chunk ends at the last known token: sample the next one
-    all_token_ids: list[int] | None = None  # only when a repetition penalty needs them
-
-    @property
-    def seq_len(self) -> int:
-        return self.num_computed_tokens + len(self.token_ids)
-
-
-@dataclass
-class SchedulerOutput:
-    requests: list[ScheduledRequest] = field(default_factory=list)
-    num_batched_tokens: int = 0
-    preempted_ids: list[str] = field(default_factory=list)
-
-    @property
-    def is_empty(self) -> bool:
-        return not self.requests
-
-
-@dataclass
-class TokenLogprobs:
-    logprob: float
-    top_token_ids: list[int]
-    top_logprobs: list[float]
-
-
-@dataclass
-class AttentionRow:
-    """Attention weights of one query position at one layer, float32 bytes of shape (heads or 1, context_len)."""
-
-    layer: int
-    position: int
-    num_heads: int
-    context_len: int
-    weights: bytes
-
-
-@dataclass
-class RunnerOutput:
-    sampled_token_ids: dict[str, int] = field(default_factory=dict)
-    logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
-    attention: dict[str, list[AttentionRow]] = field(default_factory=dict)
-
-
-@dataclass
-class RequestDelta:
-    """What one step produced for one request."""
-
-    request_id: str
-    new_token_ids: list[int] = field(default_factory=list)
-    logprobs: list[TokenLogprobs] = field(default_factory=list)
-    attention: list[AttentionRow] = field(default_factory=list)
-    finish_reason: FinishReason | None = None
+from attnserve.server.engine.block_manager import BlockManager
+from attnserve.server.engine.config import SchedulerConfig
+from attnserve.server.engine.errors import DuplicateRequestError, QueueFullError
+from attnserve.server.engine.records import RequestDelta, RunnerOutput, ScheduledRequest, SchedulerOutput
+from attnserve.server.engine.request import FINISHED_STATUS, FinishReason, Request, RequestStatus
 
 
 class Scheduler:
@@ -124,7 +44,7 @@ class Scheduler:
     # ----------------------------------------------------------------- intake
     def add_request(self, request: Request) -> None:
         if request.request_id in self.requests:
-            raise ValueError(f"request id {request.request_id!r} is already in use")
+            raise DuplicateRequestError(f"request_id: {request.request_id!r} is already in use by a request in flight")
         if len(self.waiting) >= self.config.max_num_waiting:
             raise QueueFullError(f"the waiting queue is full ({self.config.max_num_waiting} requests); retry later")
         if request.num_prompt_tokens >= self.config.max_model_len:

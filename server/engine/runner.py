@@ -7,33 +7,14 @@ tensors leave this module.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
-
-from model.attention import AttentionMetadata
-from model.kv_cache import KVCache, kv_cache_bytes_per_block
-from model.llama import LlamaForCausalLM
-from model.sampling import SamplingTensors, sample, step_generator, top_logprobs
-from server.request import HeadReduction
-from server.scheduler import AttentionRow, RunnerOutput, ScheduledRequest, SchedulerOutput, TokenLogprobs
-
-
-@dataclass(frozen=True)
-class CacheConfig:
-    block_size: int = 16
-    kv_cache_memory: int | None = None  # bytes; None = derive from gpu_memory_utilization or the CPU default
-    gpu_memory_utilization: float = 0.85  # fraction of free GPU memory after the weights (CUDA only)
-    cpu_kv_cache_memory: int = 1 << 30  # default budget on CPU
-    enable_prefix_caching: bool = True
-
-    def __post_init__(self) -> None:
-        if self.block_size < 1:
-            raise ValueError(f"block_size must be >= 1, got {self.block_size}")
-        if self.kv_cache_memory is not None and self.kv_cache_memory <= 0:
-            raise ValueError(f"kv_cache_memory must be > 0 bytes, got {self.kv_cache_memory}")
-        if not 0 < self.gpu_memory_utilization <= 1:
-            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+from attnserve.model.attention import AttentionMetadata
+from attnserve.model.kv_cache import KVCache, kv_cache_bytes_per_block
+from attnserve.model.llama import LlamaForCausalLM
+from attnserve.model.sampling import SamplingTensors, sample, step_generator, top_logprobs
+from attnserve.server.engine.config import CacheConfig
+from attnserve.server.engine.records import AttentionRow, RunnerOutput, ScheduledRequest, SchedulerOutput, TokenLogprobs
+from attnserve.server.engine.request import HeadReduction
 
 
 def kv_cache_budget(config: CacheConfig, device: torch.device) -> int:

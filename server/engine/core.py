@@ -10,49 +10,33 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import logging
 import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, field
 
-from model.loader import LoadedModel
-from server.block_manager import BlockManager
-from server.outputs import OutputProcessor, RequestOutput, Timings, Usage
-from server.request import FinishReason, Request, SamplingParams
-from server.runner import CacheConfig, ModelRunner
-from server.scheduler import RequestDelta, RunnerOutput, Scheduler, SchedulerConfig, SchedulerOutput
+from attnserve.model.loader import LoadedModel
+from attnserve.server.engine.block_manager import BlockManager
+from attnserve.server.engine.config import EngineConfig
+from attnserve.server.engine.errors import EngineStoppedError
+from attnserve.server.engine.outputs import OutputProcessor, RequestOutput, Timings, Usage
+from attnserve.server.engine.records import (
+    EngineInfo,
+    EngineStats,
+    RequestDelta,
+    RunnerOutput,
+    SchedulerOutput,
+    StepStats,
+)
+from attnserve.server.engine.request import FinishReason, Request, SamplingParams
+from attnserve.server.engine.runner import ModelRunner
+from attnserve.server.engine.scheduler import Scheduler
 
 log = logging.getLogger("attnserve.engine")
 DEADLINE_SLACK_S = 0.05
-
-
-class EngineStoppedError(RuntimeError):
-    """The engine is shutting down and takes no new requests."""
-
-
-@dataclass(frozen=True)
-class EngineConfig:
-    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-    cache: CacheConfig = field(default_factory=CacheConfig)
-    max_model_len: int | None = None  # None = the model's context, capped by the cache size
-
-
-@dataclass
-class StepStats:
-    """What one step did, for metrics."""
-
-    num_batched_tokens: int
-    num_requests: int
-    duration_s: float
-    num_running: int
-    num_waiting: int
-    kv_cache_usage: float
-    num_preempted: int
-    prefix_queries: int  # running totals of the prefix cache
-    prefix_hits: int
 
 
 class RequestStream:
@@ -96,18 +80,10 @@ class Engine:
         self.tokenizer = loaded.tokenizer
         self.runner = ModelRunner(loaded.model, config.cache)
         capacity = self.runner.num_blocks * config.cache.block_size
-        max_model_len = min(
-            config.max_model_len or loaded.config.max_position_embeddings,
-            capacity,
-            loaded.config.max_position_embeddings,
-        )
-        sched_config = SchedulerConfig(
-            max_num_batched_tokens=config.scheduler.max_num_batched_tokens,
-            max_num_seqs=config.scheduler.max_num_seqs,
-            max_num_waiting=config.scheduler.max_num_waiting,
-            max_model_len=max_model_len,
-        )
-        self.config = EngineConfig(sched_config, config.cache, max_model_len)
+        context = loaded.config.max_position_embeddings
+        max_model_len = min(config.max_model_len or context, capacity, context)
+        sched_config = dataclasses.replace(config.scheduler, max_model_len=max_model_len)
+        self.config = dataclasses.replace(config, scheduler=sched_config, max_model_len=max_model_len)
         self.block_manager = BlockManager(
             self.runner.num_blocks, config.cache.block_size, enable_prefix_caching=config.cache.enable_prefix_caching
         )
@@ -127,6 +103,37 @@ class Engine:
     @property
     def max_model_len(self) -> int:
         return self.scheduler.config.max_model_len
+
+    def info(self) -> EngineInfo:
+        c, runner = self.loaded.config, self.runner
+        sched = self.config.scheduler
+        return EngineInfo(
+            model_name=c.name,
+            architecture=c.architecture,
+            context_length=self.max_model_len,
+            vocab_size=c.vocab_size,
+            num_layers=c.num_layers,
+            num_heads=c.num_heads,
+            num_kv_heads=c.num_kv_heads,
+            dtype=str(runner.model.dtype).removeprefix("torch."),
+            device=str(runner.device),
+            kv_cache_blocks=runner.num_blocks,
+            kv_cache_block_size=runner.block_size,
+            kv_cache_bytes=runner.kv_cache.num_bytes,
+            max_num_seqs=sched.max_num_seqs,
+            max_num_waiting=sched.max_num_waiting,
+            max_num_batched_tokens=sched.max_num_batched_tokens,
+        )
+
+    def stats(self) -> EngineStats:
+        """Read without the lock: each field is one atomic read (a scrape may see two steps' values)."""
+        return EngineStats(
+            num_running=self.scheduler.num_running,
+            num_waiting=self.scheduler.num_waiting,
+            kv_cache_usage=self.block_manager.usage,
+            num_free_blocks=self.block_manager.num_free_blocks,
+            num_preemptions=self.scheduler.num_preemptions,
+        )
 
     # ---------------------------------------------------------------- lifecycle
     def start(self) -> Engine:
@@ -177,6 +184,7 @@ class Engine:
         if not self._accepting:
             raise EngineStoppedError("the server is shutting down and takes no new requests")
         loop = asyncio.get_running_loop()
+        # A guard, not validation (the doors check requests): one bad id would fail the whole step.
         vocab = self.loaded.config.vocab_size
         bad = next((t for t in prompt_token_ids if not 0 <= t < vocab), None)
         if bad is not None:

@@ -17,7 +17,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from server.request import Request
+from attnserve.server.engine.request import Request
 
 
 class NoFreeBlocksError(RuntimeError):

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from model.detokenizer import IncrementalDetokenizer, StopStringMatcher
-from model.tokenizer import Tokenizer
-from server.request import FinishReason, Request
-from server.scheduler import AttentionRow, RequestDelta, TokenLogprobs
+from attnserve.model.detokenizer import IncrementalDetokenizer, StopStringMatcher
+from attnserve.model.tokenizer import Tokenizer
+from attnserve.server.engine.records import AttentionRow, RequestDelta, TokenLogprobs
+from attnserve.server.engine.request import FinishReason, Request
 
 
 @dataclass
