@@ -16,7 +16,7 @@ MODEL_CACHE  ?= .cache/models
 STAMP        := $(VENV)/.installed
 PYTEST_ARGS  ?=
 
-.PHONY: help install proto model generate serve test lint bench bench-engine llama-server soak image deploy-smoke clean
+.PHONY: help install proto model generate serve test test-fast lint bench bench-engine llama-server soak image deploy-smoke clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -60,6 +60,9 @@ generate: install model  ## generate a reply on the default model, no server: ma
 
 test: install model  ## install what is missing, then run the suite
 	$(PY) -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS)
+
+test-fast: install  ## the inner loop: no server processes, no real model (-m "not slow and not e2e")
+	$(PY) -m pytest -n 2 -m "not slow and not e2e" $(PYTEST_ARGS)
 
 bench: install model  ## start each server, sweep C=1..32 over gRPC/HTTP, stop it (attnserve, transformers, llama-server)
 	$(PY) bench/run_bench.py

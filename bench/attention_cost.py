@@ -15,6 +15,7 @@ import asyncio
 import time
 
 import torch
+
 from attnserve.model.fetch import default_model_path
 from attnserve.model.loader import load_model, parse_dtype
 from attnserve.server.engine.config import CacheConfig, EngineConfig, SchedulerConfig

@@ -18,8 +18,9 @@ from pathlib import Path
 
 import torch
 import transformers
-from attnserve.model.fetch import default_model_path
 from transformers.generation.streamers import BaseStreamer
+
+from attnserve.model.fetch import default_model_path
 
 
 class QueueStreamer(BaseStreamer):

@@ -128,7 +128,7 @@ def offline_engine(model: str, dtype: str, concurrency: int, args: argparse.Name
     return rate
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=str(default_model_path()))
     p.add_argument("--dtype", default="float32", help="attnserve and transformers dtype (float32 on AVX2 CPUs)")
@@ -139,113 +139,75 @@ def main() -> None:
     p.add_argument("--requests-per-concurrency", type=int, default=1, help="requests per point: max(k*C, 4)")
     p.add_argument("--llama-server", default=os.environ.get("LLAMA_SERVER", ".cache/llama.cpp/build/bin/llama-server"))
     p.add_argument("--out", type=Path, default=Path("bench/results"))
-    args = p.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
-    table: dict[str, list[dict]] = {}
-    extras: dict[str, float] = {}
+    return p.parse_args()
 
-    if "attnserve" in args.systems:
-        port, mport = free_port(), free_port()
-        proc = start(
-            [
-                sys.executable,
-                "-m",
-                "server",
-                "--model",
-                args.model,
-                "--dtype",
-                args.dtype,
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--metrics-host",
-                "127.0.0.1",
-                "--metrics-port",
-                str(mport),
-                "--max-num-seqs",
-                "64",
-            ],
-            args.out / "attnserve.log",
-        )
-        try:
-            wait_http(f"http://127.0.0.1:{mport}/metrics", proc)
-            from attnserve.client import Client
 
-            with Client(f"127.0.0.1:{port}") as c:
-                while c.health() != "SERVING":
-                    time.sleep(0.5)
-            # Plain and 25%-attention points interleaved per C, so drift over a long run hits both alike.
-            target = f"127.0.0.1:{port}"
-            for c in args.concurrency:
-                point = argparse.Namespace(**{**vars(args), "concurrency": [c]})
-                table.setdefault("attnserve", []).extend(
-                    sweep("attnserve", target, f"attnserve-c{c}", point, args.out, [])
-                )
-                table.setdefault("attnserve +25% attention", []).extend(
-                    sweep(
-                        "attnserve",
-                        target,
-                        f"attnserve-attention-c{c}",
-                        point,
-                        args.out,
-                        ["--attention-every", "4", "--seed", "1000"],
-                    )  # other prompts: no prefix-cache hits
-                )
-        finally:
-            stop(proc)
-        c_max = max(args.concurrency)
-        extras[f"engine offline C={c_max}"] = offline_engine(args.model, args.dtype, c_max, args)
+def at(args: argparse.Namespace, concurrency: int) -> argparse.Namespace:
+    """The run's arguments for one concurrency point."""
+    return argparse.Namespace(**{**vars(args), "concurrency": [concurrency]})
 
-    if "transformers" in args.systems:
+
+def run_attnserve(args: argparse.Namespace, table: dict[str, list[dict]], extras: dict[str, float]) -> None:
+    port, mport = free_port(), free_port()
+    cmd = [sys.executable, "-m", "attnserve.server", "--model", args.model, "--dtype", args.dtype]
+    cmd += ["--host", "127.0.0.1", "--port", str(port), "--metrics-host", "127.0.0.1", "--metrics-port", str(mport)]
+    proc = start([*cmd, "--max-num-seqs", "64"], args.out / "attnserve.log")
+    try:
+        wait_http(f"http://127.0.0.1:{mport}/metrics", proc)
+        from attnserve.client import Client
+
+        with Client(f"127.0.0.1:{port}") as c:
+            while c.health() != "SERVING":
+                time.sleep(0.5)
+        # Plain and 25%-attention points interleaved per C, so drift over a long run hits both alike.
+        target = f"127.0.0.1:{port}"
+        for c in args.concurrency:
+            plain = sweep("attnserve", target, f"attnserve-c{c}", at(args, c), args.out, [])
+            table.setdefault("attnserve", []).extend(plain)
+            attention_flags = ["--attention-every", "4", "--seed", "1000"]  # other prompts: no prefix-cache hits
+            with_attention = sweep(
+                "attnserve", target, f"attnserve-attention-c{c}", at(args, c), args.out, attention_flags
+            )
+            table.setdefault("attnserve +25% attention", []).extend(with_attention)
+    finally:
+        stop(proc)
+    c_max = max(args.concurrency)
+    extras[f"engine offline C={c_max}"] = offline_engine(args.model, args.dtype, c_max, args)
+
+
+def run_transformers(args: argparse.Namespace, table: dict[str, list[dict]]) -> None:
+    port = free_port()
+    proc = start(
+        [sys.executable, "bench/hf_server.py", "--model", args.model, "--port", str(port), "--dtype", args.dtype],
+        args.out / "transformers.log",
+    )
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", proc)
+        table["transformers"] = sweep("openai", f"http://127.0.0.1:{port}", "transformers", args, args.out, [])
+    finally:
+        stop(proc)
+
+
+def run_llama_server(args: argparse.Namespace, table: dict[str, list[dict]]) -> None:
+    llama = shutil.which(args.llama_server) or (args.llama_server if Path(args.llama_server).is_file() else None)
+    if llama is None:
+        print(f"llama-server not found at {args.llama_server}: run bench/build_llama_server.sh", file=sys.stderr)
+        return
+    rows = []
+    for c in args.concurrency:  # as many parallel slots as the concurrency
         port = free_port()
-        proc = start(
-            [sys.executable, "bench/hf_server.py", "--model", args.model, "--port", str(port), "--dtype", args.dtype],
-            args.out / "transformers.log",
-        )
+        ctx = c * (args.input_len * 2 + args.output_len + 64)
+        cmd = [llama, "-m", args.model, "--host", "127.0.0.1", "--port", str(port), "-np", str(c), "-c", str(ctx)]
+        proc = start([*cmd, "-t", str(os.cpu_count() or 2), "--no-webui"], args.out / f"llama-{c}.log")
         try:
             wait_http(f"http://127.0.0.1:{port}/health", proc)
-            table["transformers"] = sweep("openai", f"http://127.0.0.1:{port}", "transformers", args, args.out, [])
+            rows += sweep("openai", f"http://127.0.0.1:{port}", f"llama-server-c{c}", at(args, c), args.out, [])
         finally:
             stop(proc)
+    table["llama-server"] = rows
 
-    llama = shutil.which(args.llama_server) or (args.llama_server if Path(args.llama_server).is_file() else None)
-    if "llama-server" in args.systems and llama is None:
-        print(f"llama-server not found at {args.llama_server}: run bench/build_llama_server.sh", file=sys.stderr)
-    elif "llama-server" in args.systems:
-        rows = []
-        for c in args.concurrency:  # as many parallel slots as the concurrency
-            port = free_port()
-            ctx = c * (args.input_len * 2 + args.output_len + 64)
-            proc = start(
-                [
-                    llama,
-                    "-m",
-                    args.model,
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(port),
-                    "-np",
-                    str(c),
-                    "-c",
-                    str(ctx),
-                    "-t",
-                    str(os.cpu_count() or 2),
-                    "--no-webui",
-                ],
-                args.out / f"llama-{c}.log",
-            )
-            try:
-                wait_http(f"http://127.0.0.1:{port}/health", proc)
-                point = argparse.Namespace(**{**vars(args), "concurrency": [c]})
-                rows += sweep("openai", f"http://127.0.0.1:{port}", f"llama-server-c{c}", point, args.out, [])
-            finally:
-                stop(proc)
-        table["llama-server"] = rows
-    for name, rows in table.items():  # one throughput/latency-vs-concurrency plot per system
-        bench.plot(args.out / f"{name.replace(' ', '_').replace('%', 'pct')}.png", name, rows)
 
+def print_table(table: dict[str, list[dict]], args: argparse.Namespace) -> None:
     print(
         f"\nprompt ~{args.input_len} tokens, {args.output_len} output tokens (EOS ignored), greedy, "
         f"{os.cpu_count()} CPUs, attnserve/transformers in {args.dtype}"
@@ -258,16 +220,18 @@ def main() -> None:
                 f"| {name} | {r['concurrency']} | {r['output_tok_s']:.1f} | {r['ttft_p50_ms']:.0f} / "
                 f"{r['ttft_p99_ms']:.0f} | {r['itl_p50_ms']:.0f} / {r['itl_p99_ms']:.0f} | {r['failed']} |"
             )
+
+
+def print_ratios(table: dict[str, list[dict]], extras: dict[str, float], args: argparse.Namespace) -> None:
     by = {name: {r["concurrency"]: r for r in rows} for name, rows in table.items()}
     ours = by.get("attnserve", {})
     if "transformers" in by and 16 in ours:
         ratio = ours[16]["output_tok_s"] / by["transformers"][16]["output_tok_s"]
         print(f"attnserve C=16 / transformers C=16: {ratio:.2f}x")
-    if "llama-server" in by and ours:
-        for c in (1, 16, 32):
-            if c in ours and c in by["llama-server"]:
-                ratio = ours[c]["output_tok_s"] / by["llama-server"][c]["output_tok_s"]
-                print(f"attnserve / llama-server at C={c}: {ratio:.2f}x")
+    for c in (1, 16, 32):
+        if c in ours and c in by.get("llama-server", {}):
+            ratio = ours[c]["output_tok_s"] / by["llama-server"][c]["output_tok_s"]
+            print(f"attnserve / llama-server at C={c}: {ratio:.2f}x")
     c_max = max(args.concurrency)
     if extras and c_max in ours:
         offline = extras[f"engine offline C={c_max}"]
@@ -275,14 +239,30 @@ def main() -> None:
             f"engine offline C={c_max}: {offline:.1f} tok/s; through gRPC: {ours[c_max]['output_tok_s']:.1f} "
             f"({ours[c_max]['output_tok_s'] / offline - 1:+.1%})"
         )
-    att = by.get("attnserve +25% attention", {})
-    for c, row in att.items():
+    for c, row in by.get("attnserve +25% attention", {}).items():
         if c in ours and "plain_tpot_mean_ms" in row:
             print(
                 f"C={c}: mean TPOT of requests without attention {row['plain_tpot_mean_ms']:.1f} ms with 25% asking "
                 f"vs {ours[c]['tpot_mean_ms']:.1f} ms with none; total tok/s {row['output_tok_s']:.1f} vs "
                 f"{ours[c]['output_tok_s']:.1f}"
             )
+
+
+def main() -> None:
+    args = parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    table: dict[str, list[dict]] = {}
+    extras: dict[str, float] = {}
+    if "attnserve" in args.systems:
+        run_attnserve(args, table, extras)
+    if "transformers" in args.systems:
+        run_transformers(args, table)
+    if "llama-server" in args.systems:
+        run_llama_server(args, table)
+    for name, rows in table.items():  # one throughput/latency-vs-concurrency plot per system
+        bench.plot(args.out / f"{name.replace(' ', '_').replace('%', 'pct')}.png", name, rows)
+    print_table(table, args)
+    print_ratios(table, extras, args)
     (args.out / "summary.json").write_text(json.dumps({"table": table, "extras": extras}, indent=2))
 
 

@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         import torch
+
         from attnserve.model.generate import generate_tokens
         from attnserve.model.loader import load_model, parse_dtype
 

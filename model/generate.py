@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 
 import torch
+
 from attnserve.model.attention import AttentionMetadata
 from attnserve.model.kv_cache import KVCache
 from attnserve.model.llama import LlamaForCausalLM

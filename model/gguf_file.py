@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from attnserve.model.config import ModelConfig
 from attnserve.model.errors import ModelLoadError
 

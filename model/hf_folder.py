@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+
 from attnserve.model.errors import ModelLoadError
 
 

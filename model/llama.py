@@ -13,12 +13,13 @@ from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
 from attnserve.model.attention import AttentionMetadata, paged_attention
 from attnserve.model.config import ModelConfig
 from attnserve.model.errors import ModelLoadError
 from attnserve.model.kv_cache import KVCache
 from attnserve.model.rope import RotaryEmbedding, apply_rotary
-from torch import nn
 
 
 def _can_pack(weight: torch.Tensor) -> bool:

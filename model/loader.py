@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
 from attnserve.model.config import ModelConfig, named_config
 from attnserve.model.errors import ModelLoadError
 from attnserve.model.gguf_file import GGUFFile

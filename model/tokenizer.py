@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import jinja2
-from attnserve.model.errors import ModelLoadError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as Backend
+
+from attnserve.model.errors import ModelLoadError
 
 # ChatML, used by dummy models and as a fallback when a model ships no template.
 CHATML_TEMPLATE = (

@@ -16,6 +16,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
 from attnserve.model.errors import ModelLoadError
 from attnserve.server.api.grpc import GeneratorServicer
 from attnserve.server.api.grpc_auth import BearerTokenInterceptor
@@ -24,8 +27,6 @@ from attnserve.server.config import ServerConfig, parse_config
 from attnserve.server.engine.request import SamplingParams
 from attnserve.server.metrics import Metrics
 from attnserve.v1 import generate_pb2, generate_pb2_grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 if TYPE_CHECKING:
     from attnserve.server.engine.core import Engine

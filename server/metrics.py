@@ -9,10 +9,11 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, start_http_server
+
 from attnserve.server.engine.outputs import RequestOutput
 from attnserve.server.engine.records import StepStats
 from attnserve.server.engine.request import FinishReason, Request
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, start_http_server
 
 if TYPE_CHECKING:
     from attnserve.server.engine.core import Engine

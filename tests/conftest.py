@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from attnserve.model.fetch import default_model_path
 from attnserve.model.loader import LoadedModel, load_model
 

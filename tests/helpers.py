@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import torch
+
 from attnserve.model.attention import AttentionMetadata
 from attnserve.model.kv_cache import KVCache
 from attnserve.model.llama import LlamaForCausalLM
@@ -40,3 +43,31 @@ def forward_all(model: LlamaForCausalLM, prompts: Sequence[Sequence[int]], block
     ids = torch.tensor([t for p in prompts for t in p])
     logits = model(ids, meta.positions, cache, meta)
     return list(logits.split(lengths))
+
+
+TINY_HF_SHAPE = dict(
+    vocab_size=384,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-5,
+    rope_theta=10000.0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+
+def save_tiny_hf_model(folder: Path, architecture: str = "llama", **overrides: object) -> Any:
+    """A random tiny transformers model saved as an HF folder (safetensors); returns the model.
+    The tokenizer is the caller's to write."""
+    import transformers
+
+    classes = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "qwen2": ("Qwen2Config", "Qwen2ForCausalLM")}
+    config_class, model_class = (getattr(transformers, name) for name in classes[architecture])
+    hf_model = model_class(config_class(**{**TINY_HF_SHAPE, **overrides}))
+    hf_model = hf_model.float().eval()
+    hf_model.save_pretrained(folder, safe_serialization=True)
+    return hf_model

@@ -12,6 +12,7 @@ import re
 from collections.abc import AsyncIterator
 
 import grpc
+
 from attnserve.server.api.errors import ErrorKind, ServiceError
 from attnserve.server.api.serving import GenerationService
 from attnserve.server.api.validation import AttentionSpec, ChatTurn, FieldError, GenerationRequest, Prompt

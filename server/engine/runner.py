@@ -8,6 +8,7 @@ tensors leave this module.
 from __future__ import annotations
 
 import torch
+
 from attnserve.model.attention import AttentionMetadata
 from attnserve.model.kv_cache import KVCache, kv_cache_bytes_per_block
 from attnserve.model.llama import LlamaForCausalLM

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from attnserve.server.config import build_parser, flag_env_names, parse_config
 from attnserve.server.metrics import Metrics
 

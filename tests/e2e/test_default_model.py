@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from attnserve.model.generate import generate_tokens
 from attnserve.model.loader import LoadedModel
 

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
+
 from attnserve.model.loader import LoadedModel
 from attnserve.server.engine.request import SamplingParams
-
 from tests.server.engine_utils import make_engine, run_alone, run_together
 
 QUESTIONS = [

@@ -7,9 +7,9 @@ import time
 from pathlib import Path
 
 import pytest
+
 from attnserve.client import Client
 from attnserve.v1 import generate_pb2 as pb
-
 from tests.server.server_process import ServerProcess, health_status
 
 

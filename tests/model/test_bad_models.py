@@ -10,10 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from attnserve.model.config import ModelConfig, named_config
 from attnserve.model.errors import ModelLoadError
 from attnserve.model.loader import load_model
 from attnserve.model.tokenizer import Tokenizer
+from tests.helpers import save_tiny_hf_model
 
 
 def _write_gguf(path: Path, architecture: str) -> Path:
@@ -30,16 +32,8 @@ def _write_gguf(path: Path, architecture: str) -> Path:
 
 
 def _hf_folder_with_wrong_shapes(folder: Path) -> Path:
-    transformers = pytest.importorskip("transformers")
-    cfg = transformers.LlamaConfig(
-        vocab_size=384,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-    )
-    transformers.LlamaForCausalLM(cfg).save_pretrained(folder)
+    pytest.importorskip("transformers")
+    save_tiny_hf_model(folder, hidden_size=32, intermediate_size=64, num_hidden_layers=1)
     data = json.loads((folder / "config.json").read_text())
     data["hidden_size"] = 64  # the config now disagrees with the weights
     (folder / "config.json").write_text(json.dumps(data))

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from attnserve.model.loader import LoadedModel, load_model
 from attnserve.model.tokenizer import Tokenizer
-
-from tests.helpers import forward_all
+from tests.helpers import forward_all, save_tiny_hf_model
 
 TOLERANCE = 1e-3
 
@@ -29,31 +29,9 @@ def _max_diff(ours: list[torch.Tensor], theirs: list[torch.Tensor]) -> float:
 
 @pytest.mark.parametrize("architecture", ["llama", "qwen2"])
 def test_tiny_random_hf_folder_matches_transformers(tmp_path: Path, architecture: str) -> None:
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     torch.manual_seed(0)
-    shape = dict(
-        vocab_size=384,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        rms_norm_eps=1e-5,
-        rope_theta=10000.0,
-        initializer_range=0.1,
-        tie_word_embeddings=False,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    if architecture == "llama":
-        config = transformers.LlamaConfig(**shape)
-        hf_model = transformers.LlamaForCausalLM(config)
-    else:
-        config = transformers.Qwen2Config(**shape)
-        hf_model = transformers.Qwen2ForCausalLM(config)
-    hf_model = hf_model.float().eval()
-    hf_model.save_pretrained(tmp_path, safe_serialization=True)
+    hf_model = save_tiny_hf_model(tmp_path, architecture, initializer_range=0.1, tie_word_embeddings=False)
     Tokenizer.byte_level(384).backend.save(str(tmp_path / "tokenizer.json"))
     (tmp_path / "tokenizer_config.json").write_text(
         json.dumps({"bos_token": "<|im_start|>", "eos_token": "<|im_end|>"})

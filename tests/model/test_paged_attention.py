@@ -6,10 +6,10 @@ import math
 
 import pytest
 import torch
+
 from attnserve.model.attention import AttentionMetadata, causal_mask
 from attnserve.model.loader import LoadedModel
 from attnserve.model.rope import apply_rotary
-
 from tests.helpers import forward_all, new_cache, scattered_block_tables
 
 

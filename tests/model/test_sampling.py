@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from attnserve.model.sampling import (
     SamplingTensors,
     apply_repetition_penalty,
@@ -11,8 +14,6 @@ from attnserve.model.sampling import (
     step_generator,
     top_logprobs,
 )
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 VOCAB = 50
 

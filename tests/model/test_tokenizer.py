@@ -6,6 +6,7 @@ import random
 from pathlib import Path
 
 import pytest
+
 from attnserve.model.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from attnserve.model.gguf_file import GGUFFile
 from attnserve.model.tokenizer import Tokenizer

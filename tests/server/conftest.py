@@ -4,8 +4,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from attnserve.client import Client
 
+from attnserve.client import Client
 from tests.server.server_process import ServerProcess
 
 

@@ -82,8 +82,12 @@ class ServerProcess:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as reply:
             return reply.read().decode()
 
-    def metric(self, name: str, labels: str = "") -> float:
-        """Value of one sample, e.g. metric('attnserve_request_success_total', 'finished_reason="stop"')."""
+    def metric(self, name: str, labels: str = "", *, default: float | None = None) -> float:
+        """Value of one sample, e.g. metric('attnserve_request_success_total', 'finished_reason="stop"').
+
+        A series that is not exported raises (a renamed metric must not read as 0), unless the
+        caller gives a ``default`` for a labelled counter that has not been incremented yet.
+        """
         want = f"{name}{{{labels}}}" if labels else name
         for line in self.metrics_text().splitlines():
             if line.startswith("#"):
@@ -91,7 +95,9 @@ class ServerProcess:
             key, _, value = line.rpartition(" ")
             if key == want:
                 return float(value)
-        return 0.0
+        if default is not None and f"# TYPE {name.removesuffix('_total')} " in self.metrics_text():
+            return default
+        raise KeyError(f"{want} is not exported")
 
     def terminate(self) -> int:
         assert self.proc is not None

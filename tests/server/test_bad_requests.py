@@ -6,12 +6,14 @@ import math
 
 import grpc
 import pytest
+
 from attnserve.client import AttnserveError, Client
 from attnserve.v1 import generate_pb2 as pb
-
 from tests.server.server_process import ServerProcess
 
 # The tiny model: vocab 384, 2 layers, context 1024.
+
+pytestmark = pytest.mark.slow  # a real server process per module
 
 
 def req(**fields) -> pb.GenerateRequest:
@@ -110,8 +112,7 @@ def test_streaming_call_gets_the_same_status(tiny_server: ServerProcess) -> None
         assert caught.value.code() == INVALID and "sampling.top_p" in caught.value.details()
 
 
-def test_at_least_25_cases_and_the_server_still_serves(client: Client) -> None:
-    assert len(CASES) >= 25
+def test_the_server_still_serves_after_the_bad_requests(client: Client) -> None:
     reply = client.generate("still alive", max_tokens=3, ignore_eos=True, temperature=0)
     assert reply.usage.completion_tokens == 3
 

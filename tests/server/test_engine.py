@@ -7,12 +7,12 @@ import time
 
 import pytest
 import torch
+
 from attnserve.model.attention import AttentionMetadata
 from attnserve.model.loader import LoadedModel
 from attnserve.server.engine.core import Engine
 from attnserve.server.engine.errors import QueueFullError
 from attnserve.server.engine.request import AttentionOptions, FinishReason, HeadReduction, SamplingParams
-
 from tests.helpers import new_cache, scattered_block_tables
 from tests.server.engine_utils import make_engine, run_alone, run_together
 

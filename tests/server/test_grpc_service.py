@@ -14,15 +14,17 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
+
 from attnserve.client import Client, DeadlineExceededError, UnauthenticatedError, UnavailableError
 from attnserve.model.attention import AttentionMetadata
 from attnserve.model.loader import load_model
 from attnserve.v1 import generate_pb2 as pb
-
 from tests.helpers import new_cache, scattered_block_tables
 from tests.server.server_process import ServerProcess, health_status
 
 GREEDY = dict(temperature=0.0)
+
+pytestmark = pytest.mark.slow  # a real server process per module
 
 
 def test_unary_equals_concatenated_stream(client: Client) -> None:
@@ -81,11 +83,11 @@ def test_cancel_mid_stream_frees_blocks_within_a_second(client: Client, tiny_ser
             and tiny_server.metric("attnserve_num_requests_running") == 0.0
         )
     )
-    assert tiny_server.metric("attnserve_request_failure_total", 'reason="cancelled"') >= 1
+    assert tiny_server.metric("attnserve_request_failure_total", 'reason="cancelled"', default=0.0) >= 1
 
 
 def test_deadline_exceeded_and_blocks_freed(client: Client, tiny_server: ServerProcess) -> None:
-    before = tiny_server.metric("attnserve_request_failure_total", 'reason="deadline"')
+    before = tiny_server.metric("attnserve_request_failure_total", 'reason="deadline"', default=0.0)
     with pytest.raises(DeadlineExceededError):
         client.generate("slow", max_tokens=1000, ignore_eos=True, timeout=0.3, **GREEDY)
     # The engine aborts it at its next step; allow for a loaded machine (the cancel test holds the 1 s bound).
@@ -96,9 +98,8 @@ def test_deadline_exceeded_and_blocks_freed(client: Client, tiny_server: ServerP
         ),
         timeout=5.0,
     )
-    _wait_for(
-        lambda: tiny_server.metric("attnserve_request_failure_total", 'reason="deadline"') == before + 1, timeout=5.0
-    )
+    deadlines = lambda: tiny_server.metric("attnserve_request_failure_total", 'reason="deadline"', default=0.0)  # noqa: E731
+    _wait_for(lambda: deadlines() == before + 1, timeout=5.0)
 
 
 def test_attention_rows_match_the_models_explicit_path(client: Client) -> None:
@@ -174,13 +175,13 @@ def test_tokenize_and_model_info(client: Client) -> None:
 def test_metrics_move_by_the_expected_amounts(client: Client, tiny_server: ServerProcess) -> None:
     def snapshot() -> dict[str, float]:
         return {
-            "ok_length": tiny_server.metric("attnserve_request_success_total", 'finished_reason="length"'),
+            "ok_length": tiny_server.metric("attnserve_request_success_total", 'finished_reason="length"', default=0.0),
             "prompt": tiny_server.metric("attnserve_prompt_tokens_total"),
             "generated": tiny_server.metric("attnserve_generation_tokens_total"),
             "ttft_count": tiny_server.metric("attnserve_time_to_first_token_seconds_count"),
             "e2e_count": tiny_server.metric("attnserve_e2e_request_latency_seconds_count"),
             "itl_count": tiny_server.metric("attnserve_inter_token_latency_seconds_count"),
-            "invalid": tiny_server.metric("attnserve_request_failure_total", 'reason="invalid_argument"'),
+            "invalid": tiny_server.metric("attnserve_request_failure_total", 'reason="invalid_argument"', default=0.0),
             "attention": tiny_server.metric("attnserve_attention_requests_total"),
             "attention_bytes": tiny_server.metric("attnserve_attention_payload_bytes_total"),
         }

@@ -8,7 +8,6 @@ from types import SimpleNamespace
 
 from attnserve.server.app import NOT_SERVING, SERVING, Server
 from attnserve.server.config import parse_config
-from grpc_health.v1 import health_pb2
 
 
 def test_stall_flips_health_and_recovery_restores_it() -> None:
@@ -33,4 +32,3 @@ def test_stall_flips_health_and_recovery_restores_it() -> None:
         return seen
 
     assert asyncio.run(scenario()) == [NOT_SERVING, SERVING]
-    assert health_pb2.HealthCheckResponse.ServingStatus.Name(NOT_SERVING) == "NOT_SERVING"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from attnserve.client.bench import RequestResult, make_prompts, percentile, summarize
 
 

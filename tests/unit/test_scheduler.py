@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+
 from attnserve.server.engine.block_manager import BlockManager
 from attnserve.server.engine.config import SchedulerConfig
 from attnserve.server.engine.errors import QueueFullError
