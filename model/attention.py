@@ -2,14 +2,20 @@
 
 A step's batch is the concatenation of each sequence's *new* tokens (a prefill
 chunk, or one token when decoding). Every new token's K/V is first written to its
-cache slot; then each sequence attends to its whole history, read back through
-its block table. Decode sequences (one query each) are attended together in one
-batched SDPA call with a padding mask; prefill chunks are attended one sequence
-at a time, since each is already a large matrix product.
+cache slot; then each sequence attends to its whole history in the cache.
 
-The fused path (``scaled_dot_product_attention``) never materialises weights. For
-the sequences that ask, the explicit path computes ``softmax(q·Kᵀ/√d + mask)`` for
-the requested layers only and hands the weights back through the metadata.
+- Decode rows (one query each) read K/V in place through their block tables, with no
+  copy of the context: a Triton kernel on CUDA, sparse row-indexed kernels on CPU
+  (see model/kernels/).
+- Prefill chunks go through one Triton launch on CUDA. On CPU each chunk is one SDPA
+  call: a matrix product already, and one masked call over the whole batch measured
+  3-4x slower there (it computes every chunk against every other).
+
+Every token takes the fused path; none materialises weights. For the sequences that ask,
+the forward keeps the *queries* of the asked rows at the asked layers (a copy of a few
+rows, nothing that would stop a step from being captured as a graph); afterwards
+:func:`captured_attention_weights` computes ``softmax(q·Kᵀ/√d)`` for those rows alone
+from the paged cache, one (sequence, layer) at a time.
 """
 
 from __future__ import annotations
@@ -20,8 +26,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-# (sequence index, layer index) -> attention weights (num_heads, query_len, context_len), float32.
-CapturedAttention = dict[tuple[int, int], torch.Tensor]
+from attnserve.model.kernels import cpu_decode
+from attnserve.model.kernels.gather import context_kv
+
+# (sequence index, layer index) -> the asked rows' queries (rows, num_heads, head_dim), rotated.
+CapturedQueries = dict[tuple[int, int], torch.Tensor]
 
 
 @dataclass
@@ -31,31 +40,49 @@ class PrefillChunk:
     seq_index: int
     token_start: int  # row range of its new tokens in the flattened batch
     token_end: int
-    context_slots: torch.Tensor  # (L,) cache slots of its whole context, in order
-    is_fresh: bool  # no cached history: the new tokens are the whole context
+    seq_len: int  # context length once the chunk is in the cache
+    block_table: torch.Tensor  # (num_blocks,) int32, the blocks holding its context
+
+    @property
+    def is_fresh(self) -> bool:
+        """No cached history: the new tokens are the whole context."""
+        return self.token_end - self.token_start == self.seq_len
 
 
 @dataclass
 class AttentionMetadata:
     """How a flattened batch maps onto sequences and onto the paged cache.
 
-    Built once per step with :meth:`build` and shared by every layer.
+    Built once per step with :meth:`build` and shared by every layer. Decode rows may be
+    padded (``seq_len`` 0, block table of zeros): they cost little and come out as zeros.
     """
 
     slot_mapping: torch.Tensor  # (T,) cache slot for each new token's K/V
     positions: torch.Tensor  # (T,) position of each new token in its sequence
     query_lens: list[int]
     seq_lens: list[int]  # context length of each sequence after this step
+    query_starts: list[int]  # first row of each sequence in the flattened batch
     prefills: list[PrefillChunk]
     decode_rows: torch.Tensor | None  # (Bd,) batch rows of the one-token sequences
     decode_seq_indices: list[int]
-    decode_block_tables: torch.Tensor | None  # (Bd, max_blocks) block ids, padded with block 0
-    decode_mask: torch.Tensor | None  # (Bd, 1, 1, max_blocks * block_size) True where a key is real; None = all
+    decode_block_tables: torch.Tensor | None  # (Bd, max_blocks) int32, padded with block 0
+    decode_seq_lens: torch.Tensor | None  # (Bd,) int32
     is_pure_decode: bool  # every sequence decodes one token: batch rows are the decode rows
     logits_indices: torch.Tensor | None  # rows to compute logits for; None = every row
-    # Explicit attention: sequence index -> layers whose weights to return.
+    # The prefill chunks as one launch's arguments (one row per chunk, in ``prefills`` order).
+    prefill_block_tables: torch.Tensor | None = None  # (P, max_blocks) int32
+    prefill_query_starts: torch.Tensor | None = None  # (P,) int32
+    prefill_query_lens: torch.Tensor | None = None  # (P,) int32
+    prefill_seq_lens: torch.Tensor | None = None  # (P,) int32
+    # Attention weights: sequence index -> layers whose weights to return, and which of its
+    # rows (first row within its chunk, number of rows; default every row).
     attention_requests: Mapping[int, frozenset[int]] = field(default_factory=dict)
-    captured_attention: CapturedAttention = field(default_factory=dict)
+    attention_rows: Mapping[int, tuple[int, int]] = field(default_factory=dict)
+    captured_queries: CapturedQueries = field(default_factory=dict)
+    # Per-step derived layouts shared by every layer (the CPU decode pattern).
+    _cpu_decode_layouts: dict[tuple[int, int, int], cpu_decode.DecodeLayout] = field(
+        default_factory=dict, repr=False, compare=False
+    )
 
     @property
     def num_tokens(self) -> int:
@@ -72,70 +99,135 @@ class AttentionMetadata:
         device: torch.device | str = "cpu",
         logits_indices: Sequence[int] | None = None,
         attention_requests: Mapping[int, Sequence[int]] | None = None,
+        attention_rows: Mapping[int, tuple[int, int]] | None = None,
     ) -> AttentionMetadata:
-        """Derive slots, positions and per-group layouts from block tables.
+        """Derive slots, positions and per-group layouts from block tables (host lists, no device reads).
 
         ``seq_lens[i]`` counts sequence ``i``'s tokens once this step's
         ``query_lens[i]`` new tokens are in the cache; its block table must cover them.
         """
-        if not (len(block_tables) == len(seq_lens) == len(query_lens)):
-            raise ValueError("block_tables, seq_lens and query_lens must have one entry per sequence")
-        context_slots: list[torch.Tensor] = []
-        for i, (table, seq_len, query_len) in enumerate(zip(block_tables, seq_lens, query_lens, strict=True)):
-            if not 0 < query_len <= seq_len:
-                raise ValueError(f"sequence {i}: need 0 < query_len ({query_len}) <= seq_len ({seq_len})")
-            if len(table) * block_size < seq_len:
-                raise ValueError(f"sequence {i}: {len(table)} blocks of {block_size} cannot hold {seq_len} tokens")
-            blocks = torch.tensor(table, dtype=torch.long)
-            slots = (blocks[:, None] * block_size + torch.arange(block_size)).flatten()[:seq_len]
-            context_slots.append(slots)
+        _check(block_tables, seq_lens, query_lens, block_size)
+        positions: list[int] = []
+        slots: list[int] = []
+        query_starts: list[int] = []
+        for table, seq_len, query_len in zip(block_tables, seq_lens, query_lens, strict=True):
+            query_starts.append(len(positions))
+            positions.extend(range(seq_len - query_len, seq_len))
+            slots.extend(_slots(table, seq_len - query_len, seq_len, block_size))
 
-        slot_mapping = torch.cat([s[seq - q :] for s, seq, q in zip(context_slots, seq_lens, query_lens, strict=True)])
-        positions = torch.cat([torch.arange(seq - q, seq) for seq, q in zip(seq_lens, query_lens, strict=True)])
-
-        prefills: list[PrefillChunk] = []
-        decode_rows: list[int] = []
-        decode_seqs: list[int] = []
-        start = 0
-        for i, q in enumerate(query_lens):
-            if q == 1:
-                decode_rows.append(start)
-                decode_seqs.append(i)
-            else:
-                prefills.append(PrefillChunk(i, start, start + q, context_slots[i].to(device), q == seq_lens[i]))
-            start += q
-
-        decode_tables = decode_mask = rows = None
-        if decode_seqs:
-            # Decode reads whole blocks (a contiguous copy each), not single slots: far fewer,
-            # larger copies. Padding blocks are masked out.
-            lens = torch.tensor([seq_lens[i] for i in decode_seqs])
-            num_blocks = [-(-seq_lens[i] // block_size) for i in decode_seqs]
-            padded = torch.zeros(len(decode_seqs), max(num_blocks), dtype=torch.long)
-            for row, (i, n) in enumerate(zip(decode_seqs, num_blocks, strict=True)):
-                padded[row, :n] = torch.tensor(block_tables[i][:n])
-            decode_tables = padded.to(device)
-            width = max(num_blocks) * block_size
-            if bool((lens < width).any()):
-                decode_mask = (torch.arange(width)[None, :] < lens[:, None])[:, None, None, :].to(device)
-            rows = torch.tensor(decode_rows, dtype=torch.long, device=device)
-
+        decode_seqs = [i for i, q in enumerate(query_lens) if q == 1]
+        prefill_seqs = [i for i, q in enumerate(query_lens) if q > 1]
+        decode_tables = _padded_tables(block_tables, seq_lens, decode_seqs, block_size, device)
+        prefill_tables = _padded_tables(block_tables, seq_lens, prefill_seqs, block_size, device)
+        prefills = [
+            PrefillChunk(i, query_starts[i], query_starts[i] + query_lens[i], seq_lens[i], prefill_tables[p])
+            for p, i in enumerate(prefill_seqs)
+        ]
         return cls(
-            slot_mapping=slot_mapping.to(device),
-            positions=positions.to(device),
+            slot_mapping=_tensor(slots, torch.long, device),
+            positions=_tensor(positions, torch.long, device),
             query_lens=list(query_lens),
             seq_lens=list(seq_lens),
+            query_starts=query_starts,
             prefills=prefills,
-            decode_rows=rows,
+            decode_rows=_tensor([query_starts[i] for i in decode_seqs], torch.long, device) if decode_seqs else None,
             decode_seq_indices=decode_seqs,
-            decode_block_tables=decode_tables,
-            is_pure_decode=not prefills,
-            decode_mask=decode_mask,
-            logits_indices=None
-            if logits_indices is None
-            else torch.tensor(logits_indices, dtype=torch.long, device=device),
+            decode_block_tables=decode_tables if decode_seqs else None,
+            decode_seq_lens=_tensor([seq_lens[i] for i in decode_seqs], torch.int32, device) if decode_seqs else None,
+            is_pure_decode=not prefill_seqs,
+            logits_indices=None if logits_indices is None else _tensor(list(logits_indices), torch.long, device),
             attention_requests={i: frozenset(layers) for i, layers in (attention_requests or {}).items()},
+            attention_rows=dict(attention_rows or {}),
+            **_prefill_arguments(prefill_seqs, prefill_tables, query_starts, query_lens, seq_lens, device),
         )
+
+    def cpu_decode_layout(self, num_heads: int, layer_cache: torch.Tensor) -> cpu_decode.DecodeLayout:
+        """The decode rows' sparse layout for the CPU kernels, built on first use and shared by every layer."""
+        assert self.decode_block_tables is not None
+        _, num_blocks, block_size, num_kv_heads, _ = layer_cache.shape
+        key = (num_heads, num_kv_heads, num_blocks * block_size)
+        if key not in self._cpu_decode_layouts:
+            self._cpu_decode_layouts[key] = cpu_decode.build_decode_layout(
+                self.decode_block_tables,
+                self.decode_seq_lens_host,
+                block_size=block_size,
+                num_heads=num_heads,
+                num_kv_heads=num_kv_heads,
+                num_slots=num_blocks * block_size,
+            )
+        return self._cpu_decode_layouts[key]
+
+    @property
+    def decode_seq_lens_host(self) -> list[int]:
+        """Each decode row's context length, from the host lists (padding rows: 0)."""
+        assert self.decode_block_tables is not None
+        lens = [self.seq_lens[i] for i in self.decode_seq_indices]
+        return lens + [0] * (self.decode_block_tables.shape[0] - len(lens))
+
+    def block_table(self, seq_index: int) -> torch.Tensor:
+        """(max_blocks,) int32 block ids of one sequence."""
+        if seq_index in self.decode_seq_indices:
+            assert self.decode_block_tables is not None
+            return self.decode_block_tables[self.decode_seq_indices.index(seq_index)]
+        return next(c.block_table for c in self.prefills if c.seq_index == seq_index)
+
+
+def _check(
+    block_tables: Sequence[Sequence[int]], seq_lens: Sequence[int], query_lens: Sequence[int], block_size: int
+) -> None:
+    if not (len(block_tables) == len(seq_lens) == len(query_lens)):
+        raise ValueError("block_tables, seq_lens and query_lens must have one entry per sequence")
+    for i, (table, seq_len, query_len) in enumerate(zip(block_tables, seq_lens, query_lens, strict=True)):
+        if not 0 < query_len <= seq_len:
+            raise ValueError(f"sequence {i}: need 0 < query_len ({query_len}) <= seq_len ({seq_len})")
+        if len(table) * block_size < seq_len:
+            raise ValueError(f"sequence {i}: {len(table)} blocks of {block_size} cannot hold {seq_len} tokens")
+
+
+def _tensor(values: list[int], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    return torch.tensor(values, dtype=dtype).to(device)
+
+
+def _padded_tables(
+    block_tables: Sequence[Sequence[int]],
+    seq_lens: Sequence[int],
+    seqs: list[int],
+    block_size: int,
+    device: torch.device | str,
+) -> torch.Tensor:
+    """(len(seqs), max_blocks) int32: the blocks each sequence's context uses, padded with block 0."""
+    needed = [-(-seq_lens[i] // block_size) for i in seqs]
+    width = max(needed, default=0)
+    rows = [list(block_tables[i][:n]) + [0] * (width - n) for i, n in zip(seqs, needed, strict=True)]
+    return torch.tensor(rows, dtype=torch.int32).view(len(seqs), width).to(device)
+
+
+def _prefill_arguments(
+    seqs: list[int],
+    tables: torch.Tensor,
+    query_starts: list[int],
+    query_lens: Sequence[int],
+    seq_lens: Sequence[int],
+    device: torch.device | str,
+) -> dict[str, torch.Tensor]:
+    """The prefill_* fields: the chunks as the arguments of one kernel launch (none without chunks)."""
+    if not seqs:
+        return {}
+    return {
+        "prefill_block_tables": tables,
+        "prefill_query_starts": _tensor([query_starts[i] for i in seqs], torch.int32, device),
+        "prefill_query_lens": _tensor([query_lens[i] for i in seqs], torch.int32, device),
+        "prefill_seq_lens": _tensor([seq_lens[i] for i in seqs], torch.int32, device),
+    }
+
+
+def _slots(table: Sequence[int], start: int, end: int, block_size: int) -> list[int]:
+    """Cache slots of positions [start, end): one range per block, not one lookup per token."""
+    out: list[int] = []
+    for index in range(start // block_size, -(-end // block_size)):
+        base = table[index] * block_size - index * block_size
+        out.extend(range(base + max(start, index * block_size), base + min(end, (index + 1) * block_size)))
+    return out
 
 
 def write_kv(layer_cache: torch.Tensor, slot_mapping: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -160,49 +252,134 @@ def paged_attention(
     q: (T, H, D); k, v: (T, Hkv, D), already rotated. Returns (T, H, D).
     """
     write_kv(layer_cache, meta.slot_mapping, k, v)
-    flat = layer_cache.view(2, -1, *layer_cache.shape[-2:])  # (2, num_slots, Hkv, D)
-
-    if meta.decode_rows is not None:
-        assert meta.decode_block_tables is not None
-        tables = meta.decode_block_tables
-        bd, width = tables.shape[0], tables.shape[1] * layer_cache.shape[2]
-        qd = (q if meta.is_pure_decode else q[meta.decode_rows]).unsqueeze(2)  # (Bd, H, 1, D)
-        kv = layer_cache[:, tables].view(2, bd, width, *k.shape[1:]).transpose(2, 3)  # (2, Bd, Hkv, W, D)
-        kd, vd = kv[0], kv[1]
-        od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.decode_mask, scale=scale, enable_gqa=True)
-        if meta.is_pure_decode:
-            out = od.squeeze(2)
-        else:
-            out = torch.empty_like(q)
-            out[meta.decode_rows] = od.squeeze(2)
-        for row, seq in enumerate(meta.decode_seq_indices):
-            if layer_index in meta.attention_requests.get(seq, ()):
-                length = meta.seq_lens[seq]
-                o, w = explicit_attention(qd[row], kd[row, :, :length], vd[row, :, :length], scale=scale)
-                meta.captured_attention[(seq, layer_index)] = w
-                out[meta.decode_rows[row]] = o.squeeze(1)
+    if meta.is_pure_decode:
+        out = decode_attention(q, layer_cache, meta, scale)
     else:
         out = torch.empty_like(q)
+        if meta.decode_rows is not None:
+            out[meta.decode_rows] = decode_attention(q[meta.decode_rows], layer_cache, meta, scale)
+        prefill_attention(q, k, v, layer_cache, meta, scale, out=out)
+    capture_queries(q, meta, layer_index)
+    return out
 
+
+def capture_queries(q: torch.Tensor, meta: AttentionMetadata, layer_index: int) -> None:
+    """Keep the asked rows' queries (T, H, D) of this layer for their weights after the step."""
+    for seq, layers in meta.attention_requests.items():
+        if layer_index in layers:
+            first, count = meta.attention_rows.get(seq, (0, meta.query_lens[seq]))
+            start = meta.query_starts[seq] + first
+            meta.captured_queries[(seq, layer_index)] = q[start : start + count].clone()
+
+
+def captured_attention_weights(
+    meta: AttentionMetadata, layer_cache: torch.Tensor, *, seq: int, layer: int, scale: float
+) -> tuple[int, torch.Tensor]:
+    """(position of the first captured row, weights (H, n, position + n) float32) of one sequence at one
+    layer, from its captured queries and the cache: row i sees positions 0 .. position + i."""
+    first, _ = meta.attention_rows.get(seq, (0, meta.query_lens[seq]))
+    position = meta.seq_lens[seq] - meta.query_lens[seq] + first
+    q = meta.captured_queries[(seq, layer)]
+    return position, attention_weights_from_cache(q, layer_cache, meta.block_table(seq), start=position, scale=scale)
+
+
+def decode_attention(q: torch.Tensor, layer_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """(Bd, H, D): the decode rows' attention over their cached context, K/V read in place.
+
+    bench/step_bench.py swaps this function for the old copying path to compare the two.
+    """
+    assert meta.decode_block_tables is not None and meta.decode_seq_lens is not None
+    if not q.is_cuda and q.dtype not in cpu_decode.SPARSE_DTYPES:
+        return cpu_decode.per_sequence_decode_attention(
+            q, layer_cache, meta.decode_block_tables, meta.decode_seq_lens_host, scale
+        )
+    layout = None if q.is_cuda else meta.cpu_decode_layout(q.shape[1], layer_cache)
+    return paged_decode_attention(
+        q, layer_cache, meta.decode_block_tables, meta.decode_seq_lens, scale, cpu_layout=layout
+    )
+
+
+def paged_decode_attention(
+    q: torch.Tensor,  # (B, H, D)
+    layer_cache: torch.Tensor,  # (2, num_blocks, block_size, Hkv, D)
+    block_tables: torch.Tensor,  # (B, max_blocks) int32
+    seq_lens: torch.Tensor,  # (B,) int32; 0 = padding row
+    scale: float,
+    *,
+    cpu_layout: cpu_decode.DecodeLayout | None = None,
+) -> torch.Tensor:
+    """One query per sequence over its cached context, reading K/V in place. Returns (B, H, D).
+
+    On CPU, pass the step's ``cpu_layout`` (shared by all layers); without it one is built here.
+    """
+    if q.is_cuda:
+        from attnserve.model.kernels import triton_decode  # Triton is needed (and present) only with CUDA
+
+        return triton_decode.paged_decode_attention(q, layer_cache, block_tables, seq_lens, scale)
+    if q.dtype not in cpu_decode.SPARSE_DTYPES:
+        return cpu_decode.per_sequence_decode_attention(q, layer_cache, block_tables, seq_lens.tolist(), scale)
+    if cpu_layout is None:
+        _, num_blocks, block_size, num_kv_heads, _ = layer_cache.shape
+        cpu_layout = cpu_decode.build_decode_layout(
+            block_tables,
+            seq_lens.tolist(),
+            block_size=block_size,
+            num_heads=q.shape[1],
+            num_kv_heads=num_kv_heads,
+            num_slots=num_blocks * block_size,
+        )
+    return cpu_decode.sparse_decode_attention(q, layer_cache, cpu_layout, scale)
+
+
+def prefill_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layer_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    *,
+    out: torch.Tensor,
+) -> None:
+    """Fill the prefill chunks' rows of ``out`` (T, H, D): causal within each chunk, over cached history."""
+    if q.is_cuda:
+        from attnserve.model.kernels import triton_prefill
+
+        assert meta.prefill_block_tables is not None
+        triton_prefill.paged_prefill_attention(
+            q,
+            layer_cache,
+            meta.prefill_block_tables,
+            meta.prefill_query_starts,
+            meta.prefill_query_lens,
+            meta.prefill_seq_lens,
+            scale,
+            max_query_len=max(c.token_end - c.token_start for c in meta.prefills),
+            out=out,
+        )
+        return
     for chunk in meta.prefills:
         rows = slice(chunk.token_start, chunk.token_end)
-        qp = q[rows].transpose(0, 1)  # (H, n, D)
         if chunk.is_fresh:  # the new tokens are the whole context: no need to read the cache back
             kp, vp = k[rows].transpose(0, 1), v[rows].transpose(0, 1)  # (Hkv, L, D)
         else:
-            kp = flat[0][chunk.context_slots].transpose(0, 1)
-            vp = flat[1][chunk.context_slots].transpose(0, 1)
-        if layer_index in meta.attention_requests.get(chunk.seq_index, ()):
-            o, w = explicit_attention(qp, kp, vp, scale=scale)
-            meta.captured_attention[(chunk.seq_index, layer_index)] = w
-        elif chunk.is_fresh:
-            o = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=scale, enable_gqa=True)
-        else:
-            o = F.scaled_dot_product_attention(
-                qp, kp, vp, attn_mask=causal_mask(qp.shape[1], kp.shape[1], q.device), scale=scale, enable_gqa=True
-            )
-        out[rows] = o.transpose(0, 1)
-    return out
+            kp, vp = context_kv(layer_cache, chunk.block_table, chunk.seq_len)
+        out[rows] = sdpa_chunk(q[rows].transpose(0, 1), kp, vp, scale=scale, is_fresh=chunk.is_fresh).transpose(0, 1)
+
+
+def sdpa_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float, is_fresh: bool) -> torch.Tensor:
+    """One chunk on CPU: q (H, n, D) the last n of L positions in k, v (Hkv, L, D). Returns (H, n, D).
+
+    4-D inputs with K/V repeated to H heads: CPU SDPA then takes its flash kernel; 3-D inputs
+    or ``enable_gqa`` fall back to the math kernel, which materialises the scores (measured
+    ~3x slower at 512 tokens).
+    """
+    groups = q.shape[0] // k.shape[0]
+    if groups > 1:
+        k, v = k.repeat_interleave(groups, dim=0), v.repeat_interleave(groups, dim=0)
+    mask = None if is_fresh else causal_mask(q.shape[1], k.shape[1], q.device)
+    o = F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask, is_causal=is_fresh, scale=scale)
+    return o[0]
 
 
 def causal_mask(num_queries: int, context_len: int, device: torch.device) -> torch.Tensor:
@@ -213,6 +390,17 @@ def causal_mask(num_queries: int, context_len: int, device: torch.device) -> tor
     )
 
 
+def explicit_weights(q: torch.Tensor, k: torch.Tensor, *, scale: float) -> torch.Tensor:
+    """softmax(q·Kᵀ·scale + causal mask) in float32.
+
+    q: (H, n, D) are the last n of the L positions in k: (Hkv, L, D). Returns (H, n, L).
+    """
+    k = k.repeat_interleave(q.shape[0] // k.shape[0], dim=0).float()  # (H, L, D)
+    scores = torch.matmul(q.float(), k.transpose(1, 2)) * scale  # (H, n, L)
+    scores = scores.masked_fill(~causal_mask(q.shape[1], k.shape[1], q.device), float("-inf"))
+    return torch.softmax(scores, dim=-1)
+
+
 def explicit_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -221,10 +409,19 @@ def explicit_attention(
     q: (H, n, D) are the last n of the L positions in k, v: (Hkv, L, D).
     Returns the output (H, n, D) in q's dtype and the weights (H, n, L) in float32.
     """
-    groups = q.shape[0] // k.shape[0]
-    k = k.repeat_interleave(groups, dim=0).float()  # (H, L, D)
-    v = v.repeat_interleave(groups, dim=0).float()
-    scores = torch.matmul(q.float(), k.transpose(1, 2)) * scale  # (H, n, L)
-    scores = scores.masked_fill(~causal_mask(q.shape[1], k.shape[1], q.device), float("-inf"))
-    weights = torch.softmax(scores, dim=-1)
+    weights = explicit_weights(q, k, scale=scale)
+    v = v.repeat_interleave(q.shape[0] // v.shape[0], dim=0).float()  # (H, L, D)
     return torch.matmul(weights, v).to(q.dtype), weights
+
+
+def attention_weights_from_cache(
+    q: torch.Tensor, layer_cache: torch.Tensor, block_table: torch.Tensor, *, start: int, scale: float
+) -> torch.Tensor:
+    """Causal attention weights of queries at positions [start, start + n), keys read from the paged cache.
+
+    q: (n, H, D), already rotated; block_table: (num_blocks,) the sequence's block ids.
+    Returns (H, n, start + n) float32. Lets the runner compute asked-for weights after a
+    step from the queries alone, outside any captured graph.
+    """
+    k, _ = context_kv(layer_cache, block_table, start + q.shape[0])  # (Hkv, L, D)
+    return explicit_weights(q.transpose(0, 1), k, scale=scale)

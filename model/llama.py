@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attnserve.model.attention import AttentionMetadata, paged_attention
+from attnserve.model.attention import AttentionMetadata, captured_attention_weights, paged_attention
 from attnserve.model.config import ModelConfig
 from attnserve.model.errors import ModelLoadError
 from attnserve.model.kv_cache import KVCache
@@ -157,8 +157,8 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:
         """Logits (float32) for the rows in ``attn_metadata.logits_indices`` (every row if None).
 
-        Attention weights asked for in ``attn_metadata.attention_requests`` are left in
-        ``attn_metadata.captured_attention``.
+        For the rows asked in ``attn_metadata.attention_requests``, the queries are kept in
+        ``attn_metadata.captured_queries``; :meth:`attention_weights` turns them into weights.
         """
         x = self.embed_tokens(input_ids)  # (T, hidden)
         cos, sin = self.rotary(positions, x.dtype)
@@ -172,6 +172,14 @@ class LlamaForCausalLM(nn.Module):
         if self._packed_head is not None:
             return _packed_linear(x, self._packed_head, None).float()
         return F.linear(x, self.embed_tokens.weight).float()
+
+    def attention_weights(
+        self, meta: AttentionMetadata, kv_cache: KVCache, *, seq: int, layer: int
+    ) -> tuple[int, torch.Tensor]:
+        """After a forward: (first position, weights (H, n, first + n) float32) of the rows the
+        metadata asked for, sequence ``seq`` at layer ``layer``, read from the paged cache."""
+        scale = self.layers[layer].self_attn.scale
+        return captured_attention_weights(meta, kv_cache.layers[layer], seq=seq, layer=layer, scale=scale)
 
     def prepare_for_inference(self) -> LlamaForCausalLM:
         """Re-pack weights into the fastest layout for this device and dtype; call after loading."""

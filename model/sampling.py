@@ -6,6 +6,10 @@ all, top_p 1 keeps all, min_p 0 keeps all, repetition_penalty 1 changes nothing.
 
 Seeded rows draw their noise from their own generator, so a seeded request gets
 the same tokens whatever else shares its batch.
+
+Nothing here reads the device to decide what to do: the host-side fields of
+``SamplingTensors`` choose the machinery, and :func:`fetch_sampled` brings a step's
+tokens and logprobs back in one transfer.
 """
 
 from __future__ import annotations
@@ -20,13 +24,22 @@ _MASK = float("-inf")
 
 @dataclass
 class SamplingTensors:
-    """Per-row sampling parameters of a batch, as tensors on the logits' device."""
+    """Per-row sampling parameters of a batch, as tensors on the logits' device.
+
+    The host-side fields say which machinery :func:`sample` needs, so it decides without
+    reading the device (each such read is a host sync on a GPU). Left at their defaults,
+    every row may sample and every filter runs: correct, only slower.
+    """
 
     temperature: torch.Tensor  # (B,) float; 0 = greedy
     top_k: torch.Tensor  # (B,) long; 0 = off
     top_p: torch.Tensor  # (B,) float; 1 = off
     min_p: torch.Tensor  # (B,) float; 0 = off
     repetition_penalty: torch.Tensor  # (B,) float; 1 = off
+    random_rows: list[int] | None = None  # rows with temperature > 0; None = not known on the host
+    random_index: torch.Tensor | None = None  # (R,) random_rows on the device, when they are a strict subset
+    needs_filter: bool = True  # some random row uses top-k, top-p or min-p
+    needs_penalty: bool = True  # some row has a repetition penalty
 
     @classmethod
     def from_lists(
@@ -40,16 +53,24 @@ class SamplingTensors:
         device: torch.device | str = "cpu",
     ) -> SamplingTensors:
         n = len(temperature)
-
-        def tensor(values: Sequence[float] | None, default: float, dtype: torch.dtype) -> torch.Tensor:
-            return torch.tensor(list(values) if values is not None else [default] * n, dtype=dtype, device=device)
-
+        top_k = list(top_k) if top_k is not None else [0] * n
+        top_p = list(top_p) if top_p is not None else [1.0] * n
+        min_p = list(min_p) if min_p is not None else [0.0] * n
+        penalty = list(repetition_penalty) if repetition_penalty is not None else [1.0] * n
+        # One host-to-device copy for all five rows of parameters (top-k < 2^24 is exact in float32).
+        packed = torch.tensor([list(temperature), top_k, top_p, min_p, penalty], dtype=torch.float32).to(device)
+        random_rows = [i for i, t in enumerate(temperature) if t > 0]
+        is_subset = 0 < len(random_rows) < n
         return cls(
-            temperature=tensor(temperature, 0.0, torch.float32),
-            top_k=tensor(top_k, 0, torch.long),
-            top_p=tensor(top_p, 1.0, torch.float32),
-            min_p=tensor(min_p, 0.0, torch.float32),
-            repetition_penalty=tensor(repetition_penalty, 1.0, torch.float32),
+            temperature=packed[0],
+            top_k=packed[1].long(),
+            top_p=packed[2],
+            min_p=packed[3],
+            repetition_penalty=packed[4],
+            random_rows=random_rows,
+            random_index=torch.tensor(random_rows, dtype=torch.long).to(device) if is_subset else None,
+            needs_filter=any(top_k[i] > 0 or top_p[i] < 1.0 or min_p[i] > 0.0 for i in random_rows),
+            needs_penalty=any(p != 1.0 for p in penalty),
         )
 
 
@@ -107,9 +128,12 @@ def step_generator(seed: int, step: int, device: torch.device | str = "cpu") -> 
 def sample_from_probs(probs: torch.Tensor, generators: Sequence[torch.Generator | None]) -> torch.Tensor:
     """Draw one token per row: argmax(p / E) with E ~ Exp(1), the exponential race.
 
-    Rows with a generator draw their own noise; the others share one batched draw.
+    Rows with a generator draw their own noise (a host-side loop: no device reads); the
+    others share one batched draw. ``generators`` may be shorter than the batch (missing = None).
     """
-    noise = torch.empty_like(probs).exponential_()
+    noise = torch.empty_like(probs)
+    if len(generators) < probs.shape[0] or any(gen is None for gen in generators):
+        noise.exponential_()
     for row, gen in enumerate(generators):
         if gen is not None:
             noise[row] = torch.empty(probs.shape[1], device=probs.device).exponential_(generator=gen)
@@ -123,19 +147,37 @@ def sample(
     seen_ids: torch.Tensor | None = None,
     generators: Sequence[torch.Generator | None] | None = None,
 ) -> torch.Tensor:
-    """Choose the next token of every row. logits: (B, V) float32. Returns (B,) long."""
-    if seen_ids is not None and bool((params.repetition_penalty != 1.0).any()):
+    """Choose the next token of every row. logits: (B, V) float32. Returns (B,) long.
+
+    The host-side fields of ``params`` pick the work: all greedy -> argmax only; no filter
+    asked -> no sort; only the random rows are tempered, filtered and drawn.
+    """
+    if params.needs_penalty and seen_ids is not None:
         logits = apply_repetition_penalty(logits, seen_ids, params.repetition_penalty)
-    greedy = logits.argmax(dim=-1)
-    is_random = params.temperature > 0
-    if not bool(is_random.any()):
+    greedy = logits.argmax(dim=-1)  # (B,)
+    rows = params.random_rows
+    if rows is not None and not rows:
         return greedy
-    rows = is_random.nonzero().squeeze(1)
-    sub = apply_temperature(logits[rows], params.temperature[rows])
-    sub = apply_top_k_top_p_min_p(sub, params.top_k[rows], params.top_p[rows], params.min_p[rows])
-    gens = [None] * len(rows) if generators is None else [generators[int(r)] for r in rows]
-    greedy[rows] = sample_from_probs(sub.softmax(dim=-1), gens)
-    return greedy
+    index = None
+    if rows is not None and len(rows) < logits.shape[0]:
+        index = params.random_index
+        if index is None:
+            index = torch.tensor(rows, dtype=torch.long).to(logits.device)
+
+    def pick(t: torch.Tensor) -> torch.Tensor:  # the random rows of a per-row tensor
+        return t if index is None else t.index_select(0, index)
+
+    sub = apply_temperature(pick(logits), pick(params.temperature))  # (R, V)
+    if params.needs_filter:
+        sub = apply_top_k_top_p_min_p(sub, pick(params.top_k), pick(params.top_p), pick(params.min_p))
+    gens = list(generators or [])
+    gens += [None] * (logits.shape[0] - len(gens))
+    drawn = sample_from_probs(sub.softmax(dim=-1), [gens[r] for r in rows] if rows is not None else gens)
+    if index is not None:
+        return greedy.index_copy(0, index, drawn)
+    if rows is None:  # random rows not known on the host: choose per row on the device
+        return torch.where(params.temperature > 0, drawn, greedy)
+    return drawn
 
 
 def top_logprobs(
@@ -146,3 +188,35 @@ def top_logprobs(
     chosen_lp = logprobs.gather(1, chosen[:, None]).squeeze(1)
     top_values, top_ids = logprobs.topk(top_n, dim=-1) if top_n > 0 else (logprobs[:, :0], chosen[:, None][:, :0])
     return chosen_lp, top_values, top_ids
+
+
+@dataclass
+class SampledRows:
+    """A step's sampled tokens on the host, with their logprobs where asked."""
+
+    token_ids: list[int]
+    logprobs: list[float] | None = None  # the chosen token's logprob per row; None when not asked
+    top_token_ids: list[list[int]] | None = None  # (B, n) the n most likely tokens per row
+    top_logprobs: list[list[float]] | None = None  # (B, n) their logprobs
+
+
+def fetch_sampled(tokens: torch.Tensor, logits: torch.Tensor | None = None, *, num_top: int = 0) -> SampledRows:
+    """Bring the sampled tokens (B,) to the host, with logprobs from ``logits`` (B, V) if given: one transfer.
+
+    Logprobs are computed on the device for every row (cheaper than choosing rows), then
+    packed with the tokens into one float64 matrix: ids below 2^53 and float32 logprobs are
+    exact in it, so a single ``.tolist()`` is the step's only host sync.
+    """
+    if logits is None:
+        return SampledRows(tokens.tolist())
+    chosen, values, ids = top_logprobs(logits, tokens, num_top)
+    packed = torch.cat(
+        [tokens[:, None].double(), chosen[:, None].double(), ids.double(), values.double()], dim=1
+    )  # (B, 2 + 2n)
+    rows = packed.tolist()
+    return SampledRows(
+        token_ids=[int(r[0]) for r in rows],
+        logprobs=[r[1] for r in rows],
+        top_token_ids=[[int(i) for i in r[2 : 2 + num_top]] for r in rows],
+        top_logprobs=[r[2 + num_top :] for r in rows],
+    )

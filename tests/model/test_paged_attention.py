@@ -109,15 +109,16 @@ def test_explicit_attention_is_softmax_of_scores_and_matches_fused_output(tiny: 
             block_size=block_size,
             attention_requests={1: [1]},
         )
-        logits = model(ids, meta.positions, new_cache(model, tables, block_size), meta)
-    assert set(meta.captured_attention) == {(1, 1)}, "weights only for the asked sequence and layer"
-    weights = meta.captured_attention[(1, 1)]
-    assert weights.shape == (tiny.config.num_heads, lengths[1], lengths[1])
+        cache = new_cache(model, tables, block_size)
+        logits = model(ids, meta.positions, cache, meta)
+        assert set(meta.captured_queries) == {(1, 1)}, "queries only for the asked sequence and layer"
+        first, weights = model.attention_weights(meta, cache, seq=1, layer=1)
+    assert first == 0 and weights.shape == (tiny.config.num_heads, lengths[1], lengths[1])
     expected = _reference_weights(model, prompts[1], layer=1)
     assert (weights - expected).abs().max().item() <= 1e-6
     assert torch.allclose(weights.sum(-1), torch.ones(()), atol=1e-6)
     fused = forward_all(model, prompts, block_size)
-    assert (logits - torch.cat(fused)).abs().max().item() <= 1e-5, "explicit output must equal the fused output"
+    assert torch.equal(logits, torch.cat(fused)), "asking for weights leaves every token on the fused path"
 
 
 def test_explicit_attention_in_decode_batch(tiny: LoadedModel) -> None:
@@ -139,12 +140,12 @@ def test_explicit_attention_in_decode_batch(tiny: LoadedModel) -> None:
             attention_requests={0: [0, 1]},
         )
         model(torch.tensor(nxt), meta.positions, cache, meta)
-    for layer in (0, 1):
-        w = meta.captured_attention[(0, layer)]
+        weights = {layer: model.attention_weights(meta, cache, seq=0, layer=layer) for layer in (0, 1)}
+    for layer, (first, w) in weights.items():
         expected = _reference_weights(model, [*prompts[0], nxt[0]], layer)[:, -1:, :]
-        assert w.shape == expected.shape
+        assert first == lengths[0] and w.shape == expected.shape
         assert (w - expected).abs().max().item() <= 1e-6
-    assert (1, 0) not in meta.captured_attention
+    assert (1, 0) not in meta.captured_queries
 
 
 def test_causal_mask_offsets_queries_to_the_end_of_context() -> None:

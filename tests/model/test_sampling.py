@@ -10,6 +10,7 @@ from attnserve.model.sampling import (
     SamplingTensors,
     apply_repetition_penalty,
     apply_top_k_top_p_min_p,
+    fetch_sampled,
     sample,
     step_generator,
     top_logprobs,
@@ -104,3 +105,47 @@ def test_logprobs_of_chosen_and_top_n() -> None:
     assert torch.allclose(chosen.exp(), torch.tensor([0.3]))
     assert ids.tolist() == [[0, 1]]
     assert torch.allclose(values.exp(), torch.tensor([[0.6, 0.3]]))
+
+
+def _count_sorts(monkeypatch) -> list[int]:
+    calls = [0]
+    original = torch.Tensor.sort
+
+    def counted(self, *args, **kwargs):
+        calls[0] += 1
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "sort", counted)
+    return calls
+
+
+def test_no_sort_unless_a_sampling_row_filters(monkeypatch) -> None:
+    sorts = _count_sorts(monkeypatch)
+    logits = _logits(3, rows=3)
+    plain = SamplingTensors.from_lists(temperature=[0.0, 0.8, 1.0], top_p=[0.5, 1.0, 1.0])  # top-p on a greedy row
+    sample(logits, plain, generators=[None, step_generator(1, 0), None])
+    assert sorts[0] == 0
+    filtered = SamplingTensors.from_lists(temperature=[0.0, 0.8, 1.0], top_k=[0, 5, 0])
+    sample(logits, filtered)
+    assert sorts[0] == 1
+
+
+def test_only_random_rows_are_drawn_and_greedy_rows_keep_the_argmax() -> None:
+    logits = _logits(4, rows=5)
+    params = SamplingTensors.from_lists(temperature=[0.0, 1.0, 0.0, 0.5, 0.0], top_k=[0, 3, 0, 0, 0])
+    assert params.random_rows == [1, 3] and params.needs_filter and not params.needs_penalty
+    tokens = sample(logits, params, generators=[None, step_generator(3, 1), None, None, None])
+    argmax = logits.argmax(-1)
+    assert tokens[[0, 2, 4]].tolist() == argmax[[0, 2, 4]].tolist()
+    assert int(tokens[1]) in logits[1].topk(3).indices.tolist()
+
+
+def test_fetch_sampled_brings_tokens_and_logprobs_in_one_piece() -> None:
+    logits = _logits(5, rows=3)
+    tokens = torch.tensor([4, 0, 49])
+    fetched = fetch_sampled(tokens, logits, num_top=2)
+    chosen, values, ids = top_logprobs(logits, tokens, 2)
+    assert fetched.token_ids == [4, 0, 49]
+    assert fetched.logprobs == chosen.tolist()
+    assert fetched.top_token_ids == ids.tolist() and fetched.top_logprobs == values.tolist()
+    assert fetch_sampled(tokens).token_ids == [4, 0, 49] and fetch_sampled(tokens).logprobs is None
