@@ -1,12 +1,15 @@
 """attnserve's Python client: grpc and the generated stubs only (no torch)."""
 
+from attnserve.client.attention import row_array, row_weights
 from attnserve.client.client import (
+    AbortedError,
     AsyncClient,
     AttnserveError,
     CancelledError,
     Client,
     DeadlineExceededError,
     InvalidArgumentError,
+    NotFoundError,
     ResourceExhaustedError,
     UnauthenticatedError,
     UnavailableError,
@@ -14,14 +17,18 @@ from attnserve.client.client import (
 )
 
 __all__ = [
+    "AbortedError",
     "AsyncClient",
     "AttnserveError",
     "CancelledError",
     "Client",
     "DeadlineExceededError",
     "InvalidArgumentError",
+    "NotFoundError",
     "ResourceExhaustedError",
     "UnauthenticatedError",
     "UnavailableError",
     "build_request",
+    "row_array",
+    "row_weights",
 ]

@@ -65,6 +65,14 @@ class CancelledError(AttnserveError):
     code = grpc.StatusCode.CANCELLED
 
 
+class AbortedError(AttnserveError):
+    code = grpc.StatusCode.ABORTED
+
+
+class NotFoundError(AttnserveError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
 _ERRORS: dict[grpc.StatusCode, type[AttnserveError]] = {
     cls.code: cls
     for cls in (
@@ -74,6 +82,8 @@ _ERRORS: dict[grpc.StatusCode, type[AttnserveError]] = {
         UnavailableError,
         UnauthenticatedError,
         CancelledError,
+        AbortedError,
+        NotFoundError,
     )
 }
 
@@ -86,6 +96,7 @@ def _error(err: grpc.RpcError) -> AttnserveError:
 
 # ---------------------------------------------------------------------- request
 _REDUCTIONS = {"none": pb.HEAD_REDUCTION_NONE, "mean": pb.HEAD_REDUCTION_MEAN, "max": pb.HEAD_REDUCTION_MAX}
+_DTYPES = {"float16": pb.WEIGHTS_DTYPE_FLOAT16, "float32": pb.WEIGHTS_DTYPE_FLOAT32}
 
 
 def build_request(
@@ -105,37 +116,31 @@ def build_request(
     stop_token_ids: Sequence[int] = (),
     ignore_eos: bool = False,
     logprobs: int | None = None,
+    prompt_logprobs: int | None = None,
     attention_layers: Sequence[int] | None = None,
     head_reduction: str = "mean",
     include_prompt: bool = False,
+    attention_dtype: str = "float16",
+    n: int | None = None,
+    priority: int = 0,
     request_id: str = "",
     model: str = "",
 ) -> pb.GenerateRequest:
-    """One GenerateRequest from keyword arguments. ``chat=True`` sends ``prompt`` as a user message."""
-    request = pb.GenerateRequest(request_id=request_id, model=model)
+    """One GenerateRequest from keyword arguments. ``chat=True`` sends ``prompt`` as a user message.
+    Unset sampling fields take the server's defaults (GetServerInfo.default_sampling)."""
+    request = pb.GenerateRequest(request_id=request_id, model=model, priority=priority)
     if chat and prompt is not None:
         messages, prompt = [("user", prompt)], None
     if sum(x is not None for x in (prompt, messages, token_ids)) != 1:
         raise ValueError("give exactly one of prompt, messages or token_ids")
     if prompt is not None:
         request.prompt = prompt
-    elif messages is not None:
-        for m in messages:
-            role, content = (m["role"], m["content"]) if isinstance(m, Mapping) else m
-            request.messages.messages.add(role=role, content=content)
-    else:
-        request.token_ids.ids.extend(token_ids or ())
-    s = request.sampling
-    for name, value in (
-        ("temperature", temperature),
-        ("top_k", top_k),
-        ("top_p", top_p),
-        ("min_p", min_p),
-        ("repetition_penalty", repetition_penalty),
-        ("seed", seed),
-    ):
+    request.messages.extend(_chat_messages(messages or ()))
+    request.token_ids.extend(token_ids or ())
+    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed)
+    for name, value in (*sampling.items(), ("repetition_penalty", repetition_penalty)):
         if value is not None:
-            setattr(s, name, value)
+            setattr(request.sampling, name, value)
     if max_tokens is not None:
         request.stopping.max_tokens = max_tokens
     request.stopping.stop.extend(stop)
@@ -143,20 +148,33 @@ def build_request(
     request.stopping.ignore_eos = ignore_eos
     if logprobs is not None:
         request.logprobs.top_n = logprobs
+    if prompt_logprobs is not None:
+        request.prompt_logprobs.top_n = prompt_logprobs
+    if n is not None:
+        request.n = n
     if attention_layers is not None:
-        if head_reduction not in _REDUCTIONS:
-            raise ValueError(f"head_reduction must be one of {', '.join(_REDUCTIONS)}")
+        if head_reduction not in _REDUCTIONS or attention_dtype not in _DTYPES:
+            raise ValueError(
+                f"head_reduction: one of {', '.join(_REDUCTIONS)}; attention_dtype: one of {', '.join(_DTYPES)}"
+            )
         request.attention.layers.extend(attention_layers)
         request.attention.head_reduction = _REDUCTIONS[head_reduction]
         request.attention.include_prompt = include_prompt
+        request.attention.dtype = _DTYPES[attention_dtype]
     return request
+
+
+def _chat_messages(messages: Sequence[Message]) -> list[pb.ChatMessage]:
+    turns = []
+    for m in messages:
+        role, content = (m["role"], m["content"]) if isinstance(m, Mapping) else m
+        turns.append(pb.ChatMessage(role=role, content=content))
+    return turns
 
 
 def _tokenize_request(text: str | None, messages: Sequence[Message] | None) -> pb.TokenizeRequest:
     request = pb.TokenizeRequest(text=text) if text is not None else pb.TokenizeRequest()
-    for m in messages or ():
-        role, content = (m["role"], m["content"]) if isinstance(m, Mapping) else m
-        request.messages.messages.add(role=role, content=content)
+    request.messages.extend(_chat_messages(messages or ()))
     return request
 
 
@@ -185,7 +203,7 @@ class _Connection:
             self._channel = self._secure_channel(target, creds, options=options)
         else:
             self._channel = self._insecure_channel(target, options=options)
-        self._stub = pb_grpc.GeneratorStub(self._channel)
+        self._stub = pb_grpc.GeneratorServiceStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 
 
@@ -233,8 +251,15 @@ class Client(_Connection):
     def tokenize(self, text: str | None = None, *, messages: Sequence[Message] | None = None) -> pb.TokenizeResponse:
         return self._call(self._stub.Tokenize, _tokenize_request(text, messages), None)
 
-    def model_info(self) -> pb.ModelInfo:
+    def model_info(self) -> pb.GetModelInfoResponse:
         return self._call(self._stub.GetModelInfo, pb.GetModelInfoRequest(), None)
+
+    def server_info(self) -> pb.GetServerInfoResponse:
+        return self._call(self._stub.GetServerInfo, pb.GetServerInfoRequest(), None)
+
+    def abort(self, request_id: str) -> None:
+        """End a request in flight (its stream ends with AbortedError). NotFoundError if none."""
+        self._call(self._stub.Abort, pb.AbortRequest(request_id=request_id), None)
 
     def health(self, service: str = "") -> str:
         """'SERVING', 'NOT_SERVING', ... for the server (or one service)."""
@@ -288,8 +313,14 @@ class AsyncClient(_Connection):
     ) -> pb.TokenizeResponse:
         return await self._call(self._stub.Tokenize, _tokenize_request(text, messages), None)
 
-    async def model_info(self) -> pb.ModelInfo:
+    async def model_info(self) -> pb.GetModelInfoResponse:
         return await self._call(self._stub.GetModelInfo, pb.GetModelInfoRequest(), None)
+
+    async def server_info(self) -> pb.GetServerInfoResponse:
+        return await self._call(self._stub.GetServerInfo, pb.GetServerInfoRequest(), None)
+
+    async def abort(self, request_id: str) -> None:
+        await self._call(self._stub.Abort, pb.AbortRequest(request_id=request_id), None)
 
     async def health(self, service: str = "") -> str:
         reply = await self._call(self._health.Check, health_pb2.HealthCheckRequest(service=service), None)

@@ -10,6 +10,27 @@ import torch
 
 from attnserve.model.errors import ModelLoadError
 
+# generation_config.json keys that are sampling defaults (the rest: token ids, lengths, flags).
+_SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")
+
+
+def generation_defaults(folder: Path) -> dict[str, float]:
+    """The sampling defaults a model folder's generation_config.json sets (empty if none).
+
+    ``do_sample: false`` means greedy whatever temperature it lists, as in transformers.
+    """
+    path = folder / "generation_config.json"
+    if not path.is_file():
+        return {}
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ModelLoadError(f"{path} is not valid JSON: {exc}") from exc
+    found = {k: float(config[k]) for k in _SAMPLING_KEYS if isinstance(config.get(k), int | float)}
+    if config.get("do_sample") is False:
+        found["temperature"] = 0.0
+    return found
+
 
 def safetensors_files(folder: Path) -> list[Path]:
     index = folder / "model.safetensors.index.json"

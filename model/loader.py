@@ -7,7 +7,7 @@ loaded = load_model("dummy:tiny")          # random weights of a named shape
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -15,7 +15,7 @@ import torch
 from attnserve.model.config import ModelConfig, named_config
 from attnserve.model.errors import ModelLoadError
 from attnserve.model.gguf_file import GGUFFile
-from attnserve.model.hf_folder import safetensors_weights
+from attnserve.model.hf_folder import generation_defaults, safetensors_weights
 from attnserve.model.llama import LlamaForCausalLM
 from attnserve.model.tokenizer import Tokenizer
 
@@ -28,6 +28,7 @@ class LoadedModel:
     model: LlamaForCausalLM
     tokenizer: Tokenizer
     source: str
+    generation_defaults: dict[str, float] = field(default_factory=dict)  # sampling defaults the model ships
 
 
 def cpu_supports_bf16() -> bool:
@@ -76,10 +77,12 @@ def load_model(
     path = Path(source)
     if not path.exists():
         raise ModelLoadError(f"model path {path} does not exist (run `make model` for the default model)")
+    defaults: dict[str, float] = {}
     if path.is_dir():
         config = ModelConfig.from_hf_folder(path)
         tokenizer = Tokenizer.from_hf_folder(path)
         weights = safetensors_weights(path)
+        defaults = generation_defaults(path)
     elif path.suffix == ".gguf":
         gguf = GGUFFile(path)
         config = gguf.model_config()
@@ -89,7 +92,7 @@ def load_model(
         raise ModelLoadError(f"{path} is neither a Hugging Face model folder nor a .gguf file")
     model = _build(config, device, dtype)
     model.load_weights((name, t.to(dtype)) for name, t in weights)
-    return LoadedModel(config, model.prepare_for_inference(), tokenizer, str(path))
+    return LoadedModel(config, model.prepare_for_inference(), tokenizer, str(path), defaults)
 
 
 def _build(config: ModelConfig, device: torch.device | str, dtype: torch.dtype) -> LlamaForCausalLM:

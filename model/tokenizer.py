@@ -7,6 +7,7 @@ models.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
@@ -42,6 +43,7 @@ _SPLITS = {"llama3": _LLAMA3_SPLIT, "llama-bpe": _LLAMA3_SPLIT, "llama-v3": _LLA
 # llama.cpp and the models' own tokenizer.json split it "  ", "0", as we do.
 _DIGIT_SPLIT_PRE = ("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva")
 _GGUF_CONTROL, _GGUF_USER_DEFINED = 3, 4
+_GIL_FREE_ABOVE_CHARS = 4096
 
 
 class Tokenizer:
@@ -162,11 +164,21 @@ class Tokenizer:
         return self.backend.get_vocab_size(with_added_tokens=True)
 
     @cached_property
+    def max_token_chars(self) -> int:
+        """Characters of the longest vocabulary entry (special tokens included). A text of c characters
+        has at least c / max_token_chars tokens, so a too-long prompt can be refused before encoding it."""
+        return max(len(token) for token in self.backend.get_vocab(with_added_tokens=True))
+
+    @cached_property
     def special_token_ids(self) -> frozenset[int]:
         return frozenset(i for i, tok in self.backend.get_added_tokens_decoder().items() if tok.special)
 
     def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
-        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        if len(text) < _GIL_FREE_ABOVE_CHARS:
+            return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        # encode() holds the GIL for its whole run (0.35 s for 640k characters here); encode_batch()
+        # releases it, so a long prompt tokenized on a worker thread does not stall the others.
+        return self.backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
 
     def decode(self, token_ids: Iterable[int], *, skip_special_tokens: bool = False) -> str:
         return self.backend.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
@@ -174,6 +186,19 @@ class Tokenizer:
     def token_text(self, token_id: int) -> str:
         """Readable text of one token (for labels), bytes decoded leniently."""
         return self.backend.decode([token_id], skip_special_tokens=False)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The raw bytes of one token: a piece of a multi-byte character stays its own bytes
+        (token_text would show U+FFFD). Byte-level BPE maps each character of a vocabulary entry
+        to one byte; other vocabularies fall back to the token's text in UTF-8."""
+        piece = self.backend.id_to_token(token_id)
+        if piece is None:
+            return b""
+        if token_id not in self.special_token_ids and isinstance(self.backend.decoder, decoders.ByteLevel):
+            table = _unicode_to_bytes()
+            if all(ch in table for ch in piece):
+                return bytes(table[ch] for ch in piece)
+        return self.token_text(token_id).encode()
 
     # ------------------------------------------------------------ chat template
     def apply_chat_template(self, messages: Sequence[Mapping[str, str]], *, add_generation_prompt: bool = True) -> str:
@@ -208,6 +233,11 @@ def _compile_template(source: str) -> jinja2.Template:
         env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
         _TEMPLATE_CACHE[source] = env.from_string(source)
     return _TEMPLATE_CACHE[source]
+
+
+@functools.cache
+def _unicode_to_bytes() -> dict[str, int]:
+    return {ch: b for b, ch in _bytes_to_unicode().items()}
 
 
 def _bytes_to_unicode() -> dict[int, str]:

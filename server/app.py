@@ -21,7 +21,7 @@ from grpc_reflection.v1alpha import reflection
 
 from attnserve.model.errors import ModelLoadError
 from attnserve.server.api.grpc import GeneratorServicer
-from attnserve.server.api.grpc_auth import BearerTokenInterceptor
+from attnserve.server.api.grpc_interceptors import BearerTokenInterceptor, MalformedRequestInterceptor
 from attnserve.server.api.serving import GenerationService
 from attnserve.server.config import ServerConfig, parse_config
 from attnserve.server.engine.request import SamplingParams
@@ -30,9 +30,10 @@ from attnserve.v1 import generate_pb2, generate_pb2_grpc
 
 if TYPE_CHECKING:
     from attnserve.server.engine.core import Engine
+    from attnserve.server.http_server import HttpServer
 
 log = logging.getLogger("attnserve")
-SERVICE_NAME = generate_pb2.DESCRIPTOR.services_by_name["Generator"].full_name
+SERVICE_NAME = generate_pb2.DESCRIPTOR.services_by_name["GeneratorService"].full_name
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -41,16 +42,20 @@ class Server:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         self.health = health.aio.HealthServicer()
-        self.metrics = Metrics()
-        self.service = GenerationService(self.metrics, config.limits)
+        self.metrics = Metrics(vllm_names=config.vllm_metric_names)
+        self.service = GenerationService(self.metrics, config.limits, config.sampling_defaults)
         self.engine: Engine | None = None
         self.grpc_server: grpc.aio.Server | None = None
+        self.http: HttpServer | None = None
         self.port = 0
         self.metrics_port = 0
+        self.http_port = 0
+        self._serving = False
         self._draining = False
         self._stalled = False
 
     async def set_health(self, status: int) -> None:
+        self._serving = status == SERVING
         for name in ("", SERVICE_NAME):
             await self.health.set(name, status)
 
@@ -58,39 +63,25 @@ class Server:
         """Bind ports (health answers NOT_SERVING at once), then load, warm up and go SERVING."""
         c = self.config
         self.metrics_port = self.metrics.serve(c.metrics_host, c.metrics_port)
-        options = [
-            ("grpc.max_receive_message_length", c.max_message_bytes),
-            ("grpc.max_send_message_length", 64 << 20),
-            ("grpc.keepalive_time_ms", 30_000),
-            ("grpc.keepalive_timeout_ms", 10_000),
-            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
-            ("grpc.keepalive_permit_without_calls", 1),
-        ]
-        interceptors = []
-        if c.auth_token_file:
-            interceptors.append(BearerTokenInterceptor(Path(c.auth_token_file).read_text().strip()))
-        self.grpc_server = grpc.aio.server(interceptors=interceptors, options=options)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
-        generate_pb2_grpc.add_GeneratorServicer_to_server(GeneratorServicer(self.service), self.grpc_server)
-        await self.set_health(NOT_SERVING)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-            self.grpc_server,
-        )
-        address = f"{c.host}:{c.port}"
-        if c.tls_cert and c.tls_key:
-            creds = grpc.ssl_server_credentials([(Path(c.tls_key).read_bytes(), Path(c.tls_cert).read_bytes())])
-            self.port = self.grpc_server.add_secure_port(address, creds)
-        else:
-            self.port = self.grpc_server.add_insecure_port(address)
-        await self.grpc_server.start()
-        log.info(
-            "gRPC listening on %s:%d (NOT_SERVING until warm), metrics on :%d", c.host, self.port, self.metrics_port
-        )
+        await self._start_grpc()
+        if c.http_port is not None:
+            from attnserve.server.http_server import HttpServer  # FastAPI only where the door is on
 
+            self.http = HttpServer(
+                self.service, lambda: self._serving, self.metrics.registry, self._token(), explorer=c.explorer
+            )
+            self.http_port = await self.http.start(c.http_host, c.http_port)
+        log.info(
+            "gRPC on %s:%d, HTTP on :%s, metrics on :%d (NOT_SERVING until warm)",
+            c.host,
+            self.port,
+            self.http_port or "-",
+            self.metrics_port,
+        )
         self.engine = await asyncio.get_running_loop().run_in_executor(None, self._load_engine)
         await self._warm_up()
         self.metrics.bind_engine(self.engine)  # after warm-up: it is not traffic
+        self.metrics.bind_attention_budget(self.service.attention_budget)
         self.service.attach(self.engine)
         await self.set_health(SERVING)
         info = self.engine.info()
@@ -103,6 +94,40 @@ class Server:
             info.kv_cache_block_size,
             info.context_length,
         )
+
+    def _token(self) -> str | None:
+        path = self.config.auth_token_file
+        return Path(path).read_text().strip() if path else None
+
+    async def _start_grpc(self) -> None:
+        c = self.config
+        options = [
+            ("grpc.max_receive_message_length", c.limits.max_request_bytes),
+            ("grpc.max_send_message_length", c.limits.max_response_bytes),
+            ("grpc.keepalive_time_ms", 30_000),
+            ("grpc.keepalive_timeout_ms", 10_000),
+            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+            ("grpc.keepalive_permit_without_calls", 1),
+        ]
+        interceptors: list[grpc.aio.ServerInterceptor] = [MalformedRequestInterceptor()]
+        token = self._token()
+        if token:  # outermost: an unauthenticated caller learns nothing about its request
+            interceptors.insert(0, BearerTokenInterceptor(token))
+        self.grpc_server = grpc.aio.server(interceptors=interceptors, options=options)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
+        generate_pb2_grpc.add_GeneratorServiceServicer_to_server(GeneratorServicer(self.service), self.grpc_server)
+        await self.set_health(NOT_SERVING)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            self.grpc_server,
+        )
+        address = f"{c.host}:{c.port}"
+        if c.tls_cert and c.tls_key:
+            creds = grpc.ssl_server_credentials([(Path(c.tls_key).read_bytes(), Path(c.tls_cert).read_bytes())])
+            self.port = self.grpc_server.add_secure_port(address, creds)
+        else:
+            self.port = self.grpc_server.add_insecure_port(address)
+        await self.grpc_server.start()
 
     def _load_engine(self) -> Engine:
         # torch comes in here, not at import: `python -m server --help` stays quick.
@@ -147,6 +172,9 @@ class Server:
             await asyncio.get_running_loop().run_in_executor(None, self.engine.shutdown, self.config.shutdown_timeout)
         if self.grpc_server is not None:
             await self.grpc_server.stop(grace=2.0)  # lets the last stream messages reach their clients
+        if self.http is not None:
+            await self.http.stop()
+        self.service.close()
         log.info("stopped")
 
 

@@ -16,7 +16,10 @@ from attnserve.server.engine.records import StepStats
 from attnserve.server.engine.request import FinishReason, Request
 
 if TYPE_CHECKING:
+    from attnserve.server.api.attention_budget import AttentionBudget
     from attnserve.server.engine.core import Engine
+
+_FAILURE_REASON = {FinishReason.ABORT: "cancelled"}  # vLLM's label for a request its client abandoned
 
 disable_created_metrics()  # no *_created series: they double every counter for no dashboard's benefit
 
@@ -65,9 +68,20 @@ _TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
 
 
 class Metrics:
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, registry: CollectorRegistry | None = None, *, vllm_names: bool = False) -> None:
         self.registry = registry or CollectorRegistry()
         r = self.registry
+        # The three gauges the Kubernetes inference gateway's endpoint picker reads, under the
+        # names it already knows for vLLM (its default model-server protocol), when asked.
+        self.gateway_gauges = (
+            [
+                Gauge("vllm:num_requests_waiting", "Requests waiting (attnserve, vLLM's name).", registry=r),
+                Gauge("vllm:num_requests_running", "Requests running (attnserve, vLLM's name).", registry=r),
+                Gauge("vllm:kv_cache_usage_perc", "KV cache usage 0-1 (attnserve, vLLM's name).", registry=r),
+            ]
+            if vllm_names
+            else []
+        )
         self.running = Gauge("attnserve_num_requests_running", "Requests in the running batch.", registry=r)
         self.waiting = Gauge("attnserve_num_requests_waiting", "Requests waiting to be scheduled.", registry=r)
         self.kv_usage = Gauge("attnserve_kv_cache_usage_perc", "Fraction of KV cache blocks in use (0-1).", registry=r)
@@ -122,6 +136,19 @@ class Metrics:
             "attnserve_attention_requests", "Requests that asked for attention.", registry=r
         )
         self.attention_bytes = Counter("attnserve_attention_payload_bytes", "Attention weight bytes sent.", registry=r)
+        self.attention_reserved = Gauge(
+            "attnserve_attention_memory_reserved_bytes",
+            "Attention memory held by admitted requests (of --attention-memory-budget).",
+            registry=r,
+        )
+        self.paused = Gauge(
+            "attnserve_num_requests_paused", "Running requests held back because their reader is behind.", registry=r
+        )
+        self.backlog = Gauge(
+            "attnserve_stream_backlog_bytes",
+            "Attention bytes produced for streams but not yet taken by their readers.",
+            registry=r,
+        )
         self._last_token: dict[str, float] = {}
         self._prefix_seen = (0, 0)
 
@@ -137,8 +164,18 @@ class Metrics:
         self.running.set_function(lambda: engine.stats().num_running)
         self.waiting.set_function(lambda: engine.stats().num_waiting)
         self.kv_usage.set_function(lambda: engine.stats().kv_cache_usage)
+        self.paused.set_function(lambda: engine.stats().num_paused)
+        if self.gateway_gauges:
+            waiting, running, kv = self.gateway_gauges
+            waiting.set_function(lambda: engine.stats().num_waiting)
+            running.set_function(lambda: engine.stats().num_running)
+            kv.set_function(lambda: engine.stats().kv_cache_usage)
+        self.backlog.set_function(lambda: engine.stats().stream_backlog_bytes)
         engine.step_observers.append(self.on_step)
         engine.output_observers.append(self.on_output)
+
+    def bind_attention_budget(self, budget: AttentionBudget) -> None:
+        self.attention_reserved.set_function(lambda: budget.reserved)
 
     def on_step(self, stats: StepStats) -> None:
         self.iteration_tokens.observe(stats.num_batched_tokens)
@@ -158,20 +195,17 @@ class Metrics:
             if last is not None:
                 self.itl.observe((now - last) / len(out.token_ids))
             self._last_token[request.request_id] = now
-        for row in out.attention:
-            self.attention_bytes.inc(4 * row.num_heads * row.context_len)
+        self.attention_bytes.inc(out.num_attention_bytes)
         if out.finish_reason is None:
             return
         self._last_token.pop(request.request_id, None)
         self.prompt_tokens.inc(request.num_prompt_tokens)
         if request.params.attention is not None:
             self.attention_requests.inc()
-        if out.finish_reason in (FinishReason.STOP, FinishReason.LENGTH):
+        if out.finish_reason.is_complete:
             self.success.labels(finished_reason=out.finish_reason.value).inc()
         else:
-            self.failure.labels(
-                reason={"abort": "cancelled"}.get(out.finish_reason.value, out.finish_reason.value)
-            ).inc()
+            self.failure.labels(reason=_FAILURE_REASON.get(out.finish_reason, out.finish_reason.value)).inc()
         t = out.timings
         if t is not None:
             self.e2e.observe(t.total_s)

@@ -71,3 +71,50 @@ def save_tiny_hf_model(folder: Path, architecture: str = "llama", **overrides: o
     hf_model = hf_model.float().eval()
     hf_model.save_pretrained(folder, safe_serialization=True)
     return hf_model
+
+
+def random_paged_cache(
+    context_lens: Sequence[int],
+    *,
+    block_size: int,
+    num_kv_heads: int,
+    head_dim: int,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random layer cache (2, num_blocks, block_size, Hkv, D) and shuffled int32 block tables (N, max_blocks).
+
+    Block 0 is never handed out (padding rows point at it); tables are padded with 0.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    width = max(1, max(-(-n // block_size) for n in context_lens))
+    num_blocks = 1 + len(context_lens) * width
+    cache = torch.randn(2, num_blocks, block_size, num_kv_heads, head_dim, generator=gen).to(dtype)
+    order = (torch.randperm(num_blocks - 1, generator=gen) + 1).view(len(context_lens), width)
+    tables = torch.zeros(len(context_lens), width, dtype=torch.int32)
+    for i, n in enumerate(context_lens):
+        used = -(-n // block_size)
+        tables[i, :used] = order[i, :used]
+    return cache, tables
+
+
+def reference_paged_attention(
+    q: torch.Tensor, layer_cache: torch.Tensor, block_table: torch.Tensor, seq_len: int, scale: float
+) -> torch.Tensor:
+    """Plain float64 attention of the last n positions q (n, H, D) of a sequence over its cached context.
+
+    Causal; reads the context by copying its blocks. Returns (n, H, D) float64 (zeros when seq_len is 0).
+    """
+    n, num_heads, head_dim = q.shape
+    if seq_len == 0:
+        return torch.zeros(n, num_heads, head_dim, dtype=torch.float64)
+    block_size, num_kv_heads = layer_cache.shape[2], layer_cache.shape[3]
+    blocks = block_table[: -(-seq_len // block_size)].long()
+    kv = layer_cache[:, blocks].reshape(2, -1, num_kv_heads, head_dim)[:, :seq_len].double()
+    k = kv[0].repeat_interleave(num_heads // num_kv_heads, dim=1)  # (L, H, D)
+    v = kv[1].repeat_interleave(num_heads // num_kv_heads, dim=1)
+    scores = torch.einsum("qhd,khd->hqk", q.double(), k) * scale  # (H, n, L)
+    positions = torch.arange(seq_len - n, seq_len)
+    hidden = torch.arange(seq_len)[None, :] > positions[:, None]  # (n, L) keys after each query
+    weights = scores.masked_fill(hidden, float("-inf")).softmax(dim=-1)
+    return torch.einsum("hqk,khd->qhd", weights, v)

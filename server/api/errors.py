@@ -15,27 +15,27 @@ from attnserve.server.engine.errors import DuplicateRequestError, EngineStoppedE
 
 class ErrorKind(enum.Enum):
     INVALID_ARGUMENT = "invalid_argument"
+    NOT_FOUND = "not_found"
     ALREADY_EXISTS = "already_exists"
-    RESOURCE_EXHAUSTED = "queue_full"
-    UNAVAILABLE = "unavailable"
+    RESOURCE_EXHAUSTED = "resource_exhausted"  # a full queue, the attention budget, a stalled reader
+    UNAVAILABLE = "unavailable"  # loading, draining, or cut by shutdown: retry elsewhere or later
+    ABORTED = "aborted"  # ended by an Abort call
     DEADLINE_EXCEEDED = "deadline"
     INTERNAL = "error"
-
-    @property
-    def metric_reason(self) -> str:
-        """The ``reason`` label of attnserve_request_failure_total."""
-        return self.value
 
 
 class ServiceError(Exception):
     """``field_errors`` are set for INVALID_ARGUMENT from validation, so each door can name
     the fields in its own wire terms; ``message`` names them in neutral terms."""
 
-    def __init__(self, kind: ErrorKind, message: str, field_errors: Sequence[FieldError] = ()) -> None:
+    def __init__(
+        self, kind: ErrorKind, message: str, field_errors: Sequence[FieldError] = (), *, metric_reason: str = ""
+    ) -> None:
         super().__init__(message)
         self.kind = kind
         self.message = message
         self.field_errors = list(field_errors)
+        self.metric_reason = metric_reason or kind.value  # the reason label of attnserve_request_failure_total
 
 
 def not_ready() -> ServiceError:
@@ -51,7 +51,7 @@ def service_error(exc: BaseException) -> ServiceError:
     if isinstance(exc, DuplicateRequestError):
         return ServiceError(ErrorKind.ALREADY_EXISTS, str(exc))
     if isinstance(exc, QueueFullError):
-        return ServiceError(ErrorKind.RESOURCE_EXHAUSTED, str(exc))
+        return ServiceError(ErrorKind.RESOURCE_EXHAUSTED, str(exc), metric_reason="queue_full")
     if isinstance(exc, EngineStoppedError):
         return ServiceError(ErrorKind.UNAVAILABLE, str(exc))
     if isinstance(exc, ValueError):  # the engine's guards (a prompt past the context, ...)

@@ -1,64 +1,66 @@
 """The gRPC door: protobuf messages to the engine's plain requests and back, errors to status codes.
 
-The only module (with the process wiring in server/app.py) that sees generated
-protobuf types. Checking, prompt building and admission are the door-neutral
-GenerationService's; this module converts, and maps each error kind to a status.
+The only module (with the process wiring in server/app.py and the interceptors) that sees
+generated protobuf types. Checking, prompt building and admission are the door-neutral
+GenerationService's; this module converts, splits long payloads over several stream
+messages, and maps each error kind to a status.
 """
 
 from __future__ import annotations
 
-import array
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 
 import grpc
 
 from attnserve.server.api.errors import ErrorKind, ServiceError
-from attnserve.server.api.serving import GenerationService
+from attnserve.server.api.serving import CompletionDelta, GenerationService, ServerInfo
 from attnserve.server.api.validation import AttentionSpec, ChatTurn, FieldError, GenerationRequest, Prompt
-from attnserve.server.engine.outputs import RequestOutput
-from attnserve.server.engine.request import FinishReason
+from attnserve.server.engine.outputs import Timings, Usage
+from attnserve.server.engine.records import AttentionRow, TokenLogprobs
+from attnserve.server.engine.request import FinishReason, WeightsDtype
 from attnserve.v1 import generate_pb2 as pb
 from attnserve.v1 import generate_pb2_grpc as pb_grpc
 
 STATUS = {
     ErrorKind.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
+    ErrorKind.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
     ErrorKind.ALREADY_EXISTS: grpc.StatusCode.ALREADY_EXISTS,
     ErrorKind.RESOURCE_EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
     ErrorKind.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+    ErrorKind.ABORTED: grpc.StatusCode.ABORTED,
     ErrorKind.DEADLINE_EXCEEDED: grpc.StatusCode.DEADLINE_EXCEEDED,
     ErrorKind.INTERNAL: grpc.StatusCode.INTERNAL,
 }
-_FINISH = {
-    FinishReason.STOP: pb.FINISH_REASON_STOP,
-    FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
-    FinishReason.ABORT: pb.FINISH_REASON_ABORT,
-}
+_FINISH = {FinishReason.STOP: pb.FINISH_REASON_STOP, FinishReason.LENGTH: pb.FINISH_REASON_LENGTH}
 _REDUCTION = {pb.HEAD_REDUCTION_NONE: "none", pb.HEAD_REDUCTION_MEAN: "mean", pb.HEAD_REDUCTION_MAX: "max"}
+_DTYPE_IN = {pb.WEIGHTS_DTYPE_FLOAT16: "float16", pb.WEIGHTS_DTYPE_FLOAT32: "float32"}
+_DTYPE_OUT = {WeightsDtype.FLOAT16: pb.WEIGHTS_DTYPE_FLOAT16, WeightsDtype.FLOAT32: pb.WEIGHTS_DTYPE_FLOAT32}
 # Neutral field names -> where they sit in a GenerateRequest.
 _WIRE_NAMES = {
-    "token_ids": "token_ids.ids",
-    "messages": "messages.messages",
     "logprobs": "logprobs.top_n",
+    "prompt_logprobs": "prompt_logprobs.top_n",
     **{name: f"sampling.{name}" for name in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed")},
     **{name: f"stopping.{name}" for name in ("max_tokens", "stop", "stop_token_ids", "ignore_eos")},
 }
 _LEADING_NAME = re.compile(r"^[a-z_]+")
+_MESSAGE_OVERHEAD = 4096  # bytes of a stream message besides its attention rows
 
 
 def wire_field(neutral: str) -> str:
-    """'temperature' -> 'sampling.temperature', 'token_ids[3]' -> 'token_ids.ids[3]'."""
+    """'temperature' -> 'sampling.temperature', 'logprobs' -> 'logprobs.top_n'."""
     return _LEADING_NAME.sub(lambda m: _WIRE_NAMES.get(m.group(0), m.group(0)), neutral, count=1)
 
 
-def field_errors_message(errors: list[FieldError]) -> str:
-    return "; ".join(f"{wire_field(e.field)}: {e.message}" for e in errors)
+def field_errors_message(errors: Sequence[FieldError], most: int = 8) -> str:
+    """The errors in wire terms; past ``most`` only a count (status details travel in a header)."""
+    shown = "; ".join(f"{wire_field(e.field)}: {e.message}" for e in errors[:most])
+    return shown + (f"; and {len(errors) - most} more" if len(errors) > most else "")
 
 
 # ------------------------------------------------------------------ requests
 def generation_request(request: pb.GenerateRequest) -> GenerationRequest:
     s, st = request.sampling, request.stopping
-    which = request.WhichOneof("input")
 
     def opt(message: object, name: str) -> object:
         return getattr(message, name) if message.HasField(name) else None  # type: ignore[attr-defined]
@@ -66,16 +68,16 @@ def generation_request(request: pb.GenerateRequest) -> GenerationRequest:
     attention = None
     if request.HasField("attention"):
         a = request.attention
-        reduction = (
-            _REDUCTION.get(a.head_reduction, str(a.head_reduction))
-            if a.head_reduction != pb.HEAD_REDUCTION_UNSPECIFIED
-            else None
+        attention = AttentionSpec(
+            tuple(a.layers),
+            None if a.head_reduction == pb.HEAD_REDUCTION_UNSPECIFIED else _REDUCTION.get(a.head_reduction, "?"),
+            a.include_prompt,
+            None if a.dtype == pb.WEIGHTS_DTYPE_UNSPECIFIED else _DTYPE_IN.get(a.dtype, "?"),
         )
-        attention = AttentionSpec(tuple(a.layers), reduction, a.include_prompt)
     return GenerationRequest(
-        prompt=request.prompt if which == "prompt" else None,
-        messages=_turns(request.messages) if which == "messages" else None,
-        token_ids=tuple(request.token_ids.ids) if which == "token_ids" else None,
+        prompt=opt(request, "prompt"),  # type: ignore[arg-type]
+        messages=_turns(request.messages) or None,
+        token_ids=tuple(request.token_ids) or None,
         model=request.model,
         request_id=request.request_id,
         temperature=opt(s, "temperature"),  # type: ignore[arg-type]
@@ -89,59 +91,145 @@ def generation_request(request: pb.GenerateRequest) -> GenerationRequest:
         stop_token_ids=tuple(st.stop_token_ids),
         ignore_eos=st.ignore_eos,
         logprobs=request.logprobs.top_n if request.HasField("logprobs") else None,
+        prompt_logprobs=request.prompt_logprobs.top_n if request.HasField("prompt_logprobs") else None,
         attention=attention,
+        n=opt(request, "n"),  # type: ignore[arg-type]
+        priority=request.priority,
     )
 
 
-def _turns(messages: pb.ChatMessages) -> tuple[ChatTurn, ...]:
-    return tuple(ChatTurn(m.role, m.content) for m in messages.messages)
+def _turns(messages: Sequence[pb.ChatMessage]) -> tuple[ChatTurn, ...]:
+    return tuple(ChatTurn(m.role, m.content) for m in messages)
 
 
 # ------------------------------------------------------------------ responses
-def _logprobs(out: RequestOutput) -> list[pb.TokenLogprob]:
+def _logprobs(token_ids: Sequence[int], logprobs: Sequence[TokenLogprobs]) -> list[pb.TokenLogprob]:
     return [
         pb.TokenLogprob(
             token_id=token,
             logprob=lp.logprob,
             top=[pb.TopLogprob(token_id=i, logprob=v) for i, v in zip(lp.top_token_ids, lp.top_logprobs, strict=True)],
         )
-        for token, lp in zip(out.token_ids, out.logprobs, strict=False)
+        for token, lp in zip(token_ids, logprobs, strict=False)
     ]
 
 
-def _attention(out: RequestOutput) -> list[pb.AttentionRow]:
-    rows = []
-    for r in out.attention:
-        weights = array.array("f")
-        weights.frombytes(r.weights)
-        rows.append(
-            pb.AttentionRow(
-                layer=r.layer, position=r.position, num_heads=r.num_heads, context_len=r.context_len, weights=weights
-            )
-        )
-    return rows
+def _prompt_logprobs(logprobs: Sequence[TokenLogprobs]) -> list[pb.TokenLogprob]:
+    return _logprobs([lp.token_id or 0 for lp in logprobs], logprobs)
 
 
-def _fill_final(message: pb.GenerateResponse | pb.GenerateStreamResponse, out: RequestOutput) -> None:
-    assert out.finish_reason is not None
-    message.finish_reason = _FINISH[out.finish_reason]
-    if isinstance(out.stop_reason, str):
-        message.stop_sequence = out.stop_reason
-    elif isinstance(out.stop_reason, int):
-        message.stop_token_id = out.stop_reason
-    if out.usage is not None:
-        message.usage.CopyFrom(
-            pb.Usage(
-                prompt_tokens=out.usage.prompt_tokens,
-                completion_tokens=out.usage.completion_tokens,
-                cached_tokens=out.usage.cached_tokens,
-            )
-        )
-    if out.timings is not None:
-        t = out.timings
-        message.timings.CopyFrom(
-            pb.Timings(queue_seconds=t.queue_s, time_to_first_token_seconds=t.ttft_s or 0.0, total_seconds=t.total_s)
-        )
+def _row(r: AttentionRow) -> pb.AttentionRow:
+    return pb.AttentionRow(
+        layer=r.layer,
+        position=r.position,
+        num_heads=r.num_heads,
+        context_len=r.context_len,
+        weights=r.weights,
+        dtype=_DTYPE_OUT[r.dtype],
+    )
+
+
+def _usage(usage: Usage) -> pb.Usage:
+    return pb.Usage(
+        prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens, cached_tokens=usage.cached_tokens
+    )
+
+
+def _timings(t: Timings) -> pb.Timings:
+    message = pb.Timings(queue_seconds=t.queue_s, total_seconds=t.total_s)
+    if t.ttft_s is not None:
+        message.time_to_first_token_seconds = t.ttft_s
+    return message
+
+
+def _finish(message: pb.Completion | pb.GenerateStreamResponse, reason: FinishReason, stop: str | int | None) -> None:
+    message.finish_reason = _FINISH[reason]
+    if isinstance(stop, str):
+        message.stop_sequence = stop
+    elif isinstance(stop, int):
+        message.stop_token_id = stop
+
+
+def stream_messages(delta: CompletionDelta, max_bytes: int) -> Iterator[pb.GenerateStreamResponse]:
+    """One delta as stream messages, each under ``max_bytes``: attention rows (and prompt logprobs)
+    go out in as many messages as they need; tokens, text and the finish fields ride on the last."""
+    out, budget = delta.output, max(max_bytes - _MESSAGE_OVERHEAD, 1)
+    message = pb.GenerateStreamResponse(request_id=delta.request_id, index=delta.index)
+    message.prompt_logprobs.extend(_prompt_logprobs(out.prompt_logprobs))
+    size = message.ByteSize()
+    for row in out.attention:
+        row_size = len(row.weights) + 64
+        if message.attention and size + row_size > budget:
+            yield message
+            message, size = pb.GenerateStreamResponse(request_id=delta.request_id, index=delta.index), 0
+        message.attention.append(_row(row))
+        size += row_size
+    message.token_ids.extend(out.token_ids)
+    message.text = out.text
+    message.logprobs.extend(_logprobs(out.token_ids, out.logprobs))
+    if out.finish_reason is not None:
+        _finish(message, out.finish_reason, out.stop_reason)
+    if delta.usage is not None:
+        message.usage.CopyFrom(_usage(delta.usage))
+    if delta.timings is not None:
+        message.timings.CopyFrom(_timings(delta.timings))
+    yield message
+
+
+def _add_to_response(response: pb.GenerateResponse, delta: CompletionDelta) -> None:
+    while len(response.completions) <= delta.index:
+        response.completions.add(index=len(response.completions))
+    completion, out = response.completions[delta.index], delta.output
+    completion.token_ids.extend(out.token_ids)
+    completion.text += out.text
+    completion.logprobs.extend(_logprobs(out.token_ids, out.logprobs))
+    completion.attention.extend(_row(r) for r in out.attention)
+    response.prompt_logprobs.extend(_prompt_logprobs(out.prompt_logprobs))
+    if out.finish_reason is not None:
+        _finish(completion, out.finish_reason, out.stop_reason)
+    if delta.usage is not None:
+        response.usage.CopyFrom(_usage(delta.usage))
+    if delta.timings is not None:
+        response.timings.CopyFrom(_timings(delta.timings))
+
+
+def server_info_response(info: ServerInfo) -> pb.GetServerInfoResponse:
+    e, limits, load, d = info.engine, info.limits, info.load, info.defaults
+    return pb.GetServerInfoResponse(
+        version=info.version,
+        model=e.model_name,
+        limits=pb.ServerLimits(
+            context_length=e.context_length,
+            max_n=limits.max_n,
+            max_stop_strings=limits.max_stop_strings,
+            max_stop_string_chars=limits.max_stop_string_chars,
+            max_logprobs=limits.max_logprobs,
+            max_request_bytes=limits.max_request_bytes,
+            max_response_bytes=limits.max_response_bytes,
+            max_attention_bytes_per_request=limits.max_attention_bytes_per_request,
+            attention_memory_budget_bytes=limits.attention_memory_budget,
+            max_num_waiting=e.max_num_waiting,
+            max_num_seqs=e.max_num_seqs,
+        ),
+        load=pb.ServerLoad(
+            num_running=load.num_running,
+            num_waiting=load.num_waiting,
+            kv_cache_usage=load.kv_cache_usage,
+            kv_cache_free_blocks=load.num_free_blocks,
+            attention_bytes_reserved=info.attention_bytes_reserved,
+        ),
+        default_sampling=pb.DefaultSampling(
+            temperature=d.temperature,
+            top_k=d.top_k,
+            top_p=d.top_p,
+            min_p=d.min_p,
+            repetition_penalty=d.repetition_penalty,
+            max_tokens=limits.default_max_tokens,
+        ),
+        kv_cache_blocks=e.kv_cache_blocks,
+        kv_cache_block_size=e.kv_cache_block_size,
+        kv_cache_bytes=e.kv_cache_bytes,
+    )
 
 
 async def abort_with(context: grpc.aio.ServicerContext, error: ServiceError) -> None:
@@ -149,59 +237,48 @@ async def abort_with(context: grpc.aio.ServicerContext, error: ServiceError) -> 
     await context.abort(STATUS[error.kind], message)
 
 
-class GeneratorServicer(pb_grpc.GeneratorServicer):
+class GeneratorServicer(pb_grpc.GeneratorServiceServicer):
     def __init__(self, service: GenerationService) -> None:
         self.service = service
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
-        response = pb.GenerateResponse()
-        async for out in self._outputs(request, context):
-            response.request_id = out.request_id
-            response.token_ids.extend(out.token_ids)
-            response.text += out.text
-            response.logprobs.extend(_logprobs(out))
-            response.attention.extend(_attention(out))
-            if out.finished:
-                _fill_final(response, out)
+        response = pb.GenerateResponse(request_id=request.request_id)
+        async for delta in self._deltas(request, context, whole_response=True):
+            response.request_id = delta.request_id
+            _add_to_response(response, delta)
         return response
 
     async def GenerateStream(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateStreamResponse]:
-        async for out in self._outputs(request, context):
-            message = pb.GenerateStreamResponse(
-                request_id=out.request_id,
-                token_ids=out.token_ids,
-                text=out.text,
-                logprobs=_logprobs(out),
-                attention=_attention(out),
-            )
-            if out.finished:
-                _fill_final(message, out)
-            yield message
+        max_bytes = self.service.limits.max_response_bytes
+        async for delta in self._deltas(request, context, whole_response=False):
+            for message in stream_messages(delta, max_bytes):
+                yield message
 
     async def Tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:
-        which = request.WhichOneof("input")
         try:
-            if which == "text":
-                prompt = Prompt("prompt", text=request.text)
-            elif which == "messages":
-                prompt = Prompt("messages", messages=_turns(request.messages))
-            else:
+            if request.HasField("text") == bool(request.messages):
                 raise ServiceError(ErrorKind.INVALID_ARGUMENT, "input: set one of text or messages")
+            if request.HasField("text"):
+                prompt = Prompt("prompt", text=request.text)
+            else:
+                prompt = Prompt("messages", messages=_turns(request.messages))
             ids = await self.service.tokenize(prompt)
         except ServiceError as error:
             await abort_with(context, error)
             raise  # unreachable: abort raises
         return pb.TokenizeResponse(token_ids=ids, tokens=self.service.token_texts(ids))
 
-    async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
+    async def GetModelInfo(
+        self, request: pb.GetModelInfoRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetModelInfoResponse:
         try:
             info = self.service.info()
         except ServiceError as error:
             await abort_with(context, error)
             raise
-        return pb.ModelInfo(
+        return pb.GetModelInfoResponse(
             name=info.model_name,
             architecture=info.architecture,
             context_length=info.context_length,
@@ -210,16 +287,35 @@ class GeneratorServicer(pb_grpc.GeneratorServicer):
             device=info.device,
             num_layers=info.num_layers,
             num_heads=info.num_heads,
+            num_kv_heads=info.num_kv_heads,
             kv_cache_blocks=info.kv_cache_blocks,
             kv_cache_block_size=info.kv_cache_block_size,
             kv_cache_bytes=info.kv_cache_bytes,
         )
 
-    async def _outputs(
-        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[RequestOutput]:
+    async def GetServerInfo(
+        self, request: pb.GetServerInfoRequest, context: grpc.aio.ServicerContext
+    ) -> pb.GetServerInfoResponse:
         try:
-            async for out in self.service.generate(generation_request(request), timeout_s=context.time_remaining()):
-                yield out
+            return server_info_response(self.service.server_info())
+        except ServiceError as error:
+            await abort_with(context, error)
+            raise
+
+    async def Abort(self, request: pb.AbortRequest, context: grpc.aio.ServicerContext) -> pb.AbortResponse:
+        try:
+            self.service.abort(request.request_id)
+        except ServiceError as error:
+            await abort_with(context, error)
+        return pb.AbortResponse()
+
+    async def _deltas(
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext, *, whole_response: bool
+    ) -> AsyncIterator[CompletionDelta]:
+        try:
+            async for delta in self.service.generate(
+                generation_request(request), timeout_s=context.time_remaining(), whole_response=whole_response
+            ):
+                yield delta
         except ServiceError as error:
             await abort_with(context, error)

@@ -3,9 +3,9 @@ or a list of field errors out.
 
 A door turns its wire message into a :class:`GenerationRequest` and calls
 
-    checked = validate(request, facts, limits)        # before any tokenizing: cheap
+    checked = validate(request, rules)                     # before any templating or tokenizing: cheap
     ...tokenize checked.prompt...
-    params = fit_prompt(checked, num_prompt_tokens, facts)   # the checks that need the length
+    params = fit_prompt(checked, num_prompt_tokens, rules, whole_response=...)  # needs the length
 
 Both return a list of :class:`FieldError` instead when something is wrong. Each error
 names the field by its neutral path (``temperature``, ``token_ids[3]``,
@@ -16,14 +16,21 @@ wire names (gRPC ``sampling.temperature``, HTTP ``temperature``) and picks the s
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, fields, replace
 
+from attnserve.server.api.attention_budget import AttentionShape, how_to_shrink
 from attnserve.server.engine.records import EngineInfo
-from attnserve.server.engine.request import AttentionOptions, HeadReduction, SamplingParams
+from attnserve.server.engine.request import AttentionOptions, HeadReduction, SamplingParams, WeightsDtype
 
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 HEAD_REDUCTIONS = {"none": HeadReduction.NONE, "mean": HeadReduction.MEAN, "max": HeadReduction.MAX}
+WEIGHTS_DTYPES = {"float16": WeightsDtype.FLOAT16, "float32": WeightsDtype.FLOAT32}
+# A temperature this small divides logits into inf/nan: it means greedy, as in vLLM.
+GREEDY_BELOW_TEMPERATURE = 1e-5
+# Bytes a generated token costs in a whole response beyond its attention: id, text, framing.
+_RESPONSE_BYTES_PER_TOKEN = 32
+_RESPONSE_BYTES_PER_LOGPROB = 12
 
 
 @dataclass(frozen=True)
@@ -35,13 +42,55 @@ class RequestLimits:
     max_logprobs: int = 20
     max_request_id_chars: int = 256
     default_max_tokens: int = 256
+    max_n: int = 16
+    max_attention_bytes_per_request: int = 64 << 20
+    attention_memory_budget: int = 512 << 20  # all requests together (AttentionBudget)
+    max_request_bytes: int = 4 << 20  # one request message
+    max_response_bytes: int = 64 << 20  # one response message (the gRPC send limit)
 
     def __post_init__(self) -> None:
-        for name in ("max_stop_strings", "max_stop_string_chars", "max_request_id_chars", "default_max_tokens"):
+        for name in (
+            "max_stop_strings",
+            "max_stop_string_chars",
+            "max_request_id_chars",
+            "default_max_tokens",
+            "max_n",
+            "max_attention_bytes_per_request",
+            "attention_memory_budget",
+            "max_request_bytes",
+            "max_response_bytes",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_logprobs < 0:
             raise ValueError(f"max_logprobs must be >= 0, got {self.max_logprobs}")
+
+
+@dataclass(frozen=True)
+class SamplingDefaults:
+    """What an unset sampling field means. Greedy by default: a small model sampled at
+    temperature 1 rambles, and a first call should answer sensibly."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+
+    def overridden(self, values: Mapping[str, object]) -> SamplingDefaults:
+        """These defaults with the known fields of ``values`` (a generation_config.json, flags) applied."""
+        known = {f.name: f.type for f in fields(self)}
+        picked = {k: v for k, v in values.items() if k in known and isinstance(v, int | float)}
+        return replace(self, **picked)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class ServingRules:
+    """Everything a check needs: the engine's facts, the limits and the defaults."""
+
+    facts: EngineInfo
+    limits: RequestLimits = field(default_factory=RequestLimits)
+    defaults: SamplingDefaults = field(default_factory=SamplingDefaults)
 
 
 @dataclass(frozen=True)
@@ -57,6 +106,7 @@ class AttentionSpec:
     layers: Sequence[int]
     head_reduction: str | None = None
     include_prompt: bool = False
+    dtype: str | None = None  # "float16" (None) or "float32"
 
 
 @dataclass
@@ -79,7 +129,10 @@ class GenerationRequest:
     stop_token_ids: Sequence[int] = ()
     ignore_eos: bool = False
     logprobs: int | None = None  # None = not asked; n = chosen token plus the top n
+    prompt_logprobs: int | None = None
     attention: AttentionSpec | None = None
+    n: int | None = None
+    priority: int = 0
 
 
 @dataclass(frozen=True)
@@ -118,6 +171,8 @@ class CheckedRequest:
     prompt: Prompt
     params: SamplingParams  # max_tokens is provisional until fit_prompt
     max_tokens_sent: bool
+    n: int
+    priority: int
 
 
 @dataclass
@@ -125,28 +180,34 @@ class _Errors:
     items: list[FieldError] = field(default_factory=list)
 
     def check(self, ok: bool, name: str, value: object, message: str) -> None:
+        """Record an error unless ``ok``."""
         if not ok:
             self.items.append(FieldError(name, value, message))
 
 
-def validate(request: GenerationRequest, facts: EngineInfo, limits: RequestLimits) -> CheckedRequest | list[FieldError]:
-    """Every check that does not need the prompt's token count. Does no tokenizing."""
+def validate(request: GenerationRequest, rules: ServingRules) -> CheckedRequest | list[FieldError]:
+    """Every check that does not need the prompt's token count. Does no templating or tokenizing."""
     errors = _Errors()
     for check in _CHECKS:
-        check(request, facts, limits, errors)
+        check(request, rules, errors)
     if errors.items:
         return errors.items
     return CheckedRequest(
         request_id=request.request_id,
         prompt=_prompt_of(request),
-        params=_params(request, facts, limits),
+        params=_params(request, rules),
         max_tokens_sent=request.max_tokens is not None,
+        n=request.n or 1,
+        priority=request.priority,
     )
 
 
-def fit_prompt(checked: CheckedRequest, num_prompt_tokens: int, facts: EngineInfo) -> SamplingParams | list[FieldError]:
-    """The checks that need the prompt's length: it and max_tokens fit the context."""
-    kind, context = checked.prompt.kind, facts.context_length
+def fit_prompt(
+    checked: CheckedRequest, num_prompt_tokens: int, rules: ServingRules, *, whole_response: bool
+) -> SamplingParams | list[FieldError]:
+    """The checks that need the prompt's length: it and max_tokens fit the context, the attention
+    weights fit the per-request cap, and a whole (unstreamed) response fits one message."""
+    kind, context = checked.prompt.kind, rules.facts.context_length
     if num_prompt_tokens == 0:
         return [FieldError(kind, 0, "tokenizes to no tokens")]
     if num_prompt_tokens >= context:
@@ -159,53 +220,132 @@ def fit_prompt(checked: CheckedRequest, num_prompt_tokens: int, facts: EngineInf
             )
         ]
     room = context - num_prompt_tokens
-    max_tokens = checked.params.max_tokens
+    params = checked.params
     if not checked.max_tokens_sent:
-        return replace(checked.params, max_tokens=min(max_tokens, room))
-    if max_tokens > room:
+        params = replace(params, max_tokens=min(params.max_tokens, room))
+    elif params.max_tokens > room:
         return [
             FieldError(
                 "max_tokens",
-                max_tokens,
-                f"{max_tokens} does not fit: the context length is {context} and the prompt has "
+                params.max_tokens,
+                f"{params.max_tokens} does not fit: the context length is {context} and the prompt has "
                 f"{num_prompt_tokens} tokens, so at most {room}",
             )
         ]
-    return checked.params
+    errors = _check_attention_size(params, num_prompt_tokens, checked.n, rules)
+    if not errors and whole_response:
+        errors = _check_response_size(params, num_prompt_tokens, checked.n, rules)
+    return errors or params
+
+
+def attention_shape(params: SamplingParams, num_prompt_tokens: int, n: int, facts: EngineInfo) -> AttentionShape | None:
+    if params.attention is None:
+        return None
+    return AttentionShape.of(
+        params.attention,
+        num_prompt_tokens=num_prompt_tokens,
+        max_tokens=params.max_tokens,
+        num_completions=n,
+        num_heads=facts.num_heads,
+    )
+
+
+def _check_attention_size(
+    params: SamplingParams, num_prompt_tokens: int, n: int, rules: ServingRules
+) -> list[FieldError]:
+    shape = attention_shape(params, num_prompt_tokens, n, rules.facts)
+    cap = rules.limits.max_attention_bytes_per_request
+    if shape is None or shape.num_bytes <= cap:
+        return []
+    return [
+        FieldError(
+            "attention",
+            shape.num_bytes,
+            f"these weights would take {shape.num_bytes:,} bytes ({shape.describe()}); the limit is {cap:,} "
+            f"bytes per request: {how_to_shrink(shape)}",
+        )
+    ]
+
+
+def _check_response_size(
+    params: SamplingParams, num_prompt_tokens: int, n: int, rules: ServingRules
+) -> list[FieldError]:
+    shape = attention_shape(params, num_prompt_tokens, n, rules.facts)
+    per_token = _RESPONSE_BYTES_PER_TOKEN + _RESPONSE_BYTES_PER_LOGPROB * (1 + (params.logprobs or 0))
+    size = (shape.num_bytes if shape else 0) + n * params.max_tokens * per_token
+    if params.prompt_logprobs is not None:
+        size += num_prompt_tokens * _RESPONSE_BYTES_PER_LOGPROB * (1 + params.prompt_logprobs)
+    limit = rules.limits.max_response_bytes
+    if size <= limit:
+        return []
+    return [
+        FieldError(
+            "attention" if shape else "max_tokens",
+            size,
+            f"the whole response could reach {size:,} bytes; one response message holds at most {limit:,}: "
+            "use GenerateStream (stream: true), which sends it in parts",
+        )
+    ]
 
 
 # ---------------------------------------------------------------- the checks
-Check = Callable[[GenerationRequest, EngineInfo, RequestLimits, _Errors], None]
+Check = Callable[[GenerationRequest, ServingRules, _Errors], None]
 
 
-def _check_identity(r: GenerationRequest, facts: EngineInfo, limits: RequestLimits, e: _Errors) -> None:
+def _check_identity(r: GenerationRequest, rules: ServingRules, e: _Errors) -> None:
+    name, limit = rules.facts.model_name, rules.limits.max_request_id_chars
     e.check(
-        not r.model or r.model == facts.model_name,
+        not r.model or r.model == name,
         "model",
         r.model,
-        f"{r.model!r} is not served here; this server serves {facts.model_name!r} (or leave model empty)",
+        f"{r.model!r} is not served here; this server serves {name!r} (or leave model empty)",
     )
     e.check(
-        len(r.request_id) <= limits.max_request_id_chars,
+        len(r.request_id) <= limit,
         "request_id",
         len(r.request_id),
-        f"{len(r.request_id)} characters; the limit is {limits.max_request_id_chars}",
+        f"{len(r.request_id)} characters; the limit is {limit}",
     )
 
 
-def _check_input(r: GenerationRequest, facts: EngineInfo, limits: RequestLimits, e: _Errors) -> None:
+def _check_input(r: GenerationRequest, rules: ServingRules, e: _Errors) -> None:
     given = [name for name in ("prompt", "messages", "token_ids") if getattr(r, name) is not None]
     if len(given) != 1:
         e.check(False, "input", given, "set one of prompt, messages or token_ids")
         return
+    facts = rules.facts
     if r.prompt is not None:
         e.check(bool(r.prompt), "prompt", "", "must not be empty")
+        e.items.extend(check_text_size(Prompt("prompt", text=r.prompt), facts))
     elif r.messages is not None:
-        e.items.extend(check_messages(r.messages))
+        errors = check_messages(r.messages)
+        e.items.extend(errors or check_text_size(Prompt("messages", messages=tuple(r.messages)), facts))
     else:
         ids = r.token_ids or ()
         e.check(bool(ids), "token_ids", [], "must not be empty")
-        e.items.extend(_check_vocab("token_ids", ids, facts.vocab_size))
+        if len(ids) >= facts.context_length:  # before the per-id loop: a huge list is refused in O(1)
+            e.check(
+                False, "token_ids", len(ids), f"{len(ids)} ids; a prompt may have at most {facts.context_length - 1}"
+            )
+        else:
+            e.items.extend(_check_vocab("token_ids", ids, facts.vocab_size))
+
+
+def check_text_size(prompt: Prompt, facts: EngineInfo) -> list[FieldError]:
+    """A text longer than context x the longest token cannot fit, whatever it tokenizes to:
+    refuse it before spending time on templating or tokenizing it."""
+    num_chars = len(prompt.text or "") + sum(len(m.content) for m in prompt.messages)
+    limit = (facts.context_length - 1) * facts.max_token_chars
+    if num_chars <= limit:
+        return []
+    return [
+        FieldError(
+            prompt.kind,
+            num_chars,
+            f"{num_chars:,} characters cannot fit: the context length is {facts.context_length} tokens and no token "
+            f"is longer than {facts.max_token_chars} characters, so at most {limit:,} characters",
+        )
+    ]
 
 
 def check_messages(messages: Sequence[ChatTurn]) -> list[FieldError]:
@@ -220,12 +360,14 @@ def check_messages(messages: Sequence[ChatTurn]) -> list[FieldError]:
 
 
 def _check_vocab(name: str, ids: Sequence[int], vocab: int) -> Iterator[FieldError]:
-    for i, t in enumerate(ids):
-        if not 0 <= t < vocab:
-            yield FieldError(f"{name}[{i}]", t, f"{t} is outside the vocabulary [0, {vocab})")
+    """The first id outside the vocabulary, and how many more there are (one error, not thousands)."""
+    bad = [i for i, t in enumerate(ids) if not 0 <= t < vocab]
+    if bad:
+        i, more = bad[0], f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        yield FieldError(f"{name}[{i}]", ids[i], f"{ids[i]} is outside the vocabulary [0, {vocab}){more}")
 
 
-def _check_sampling(r: GenerationRequest, facts: EngineInfo, limits: RequestLimits, e: _Errors) -> None:
+def _check_sampling(r: GenerationRequest, rules: ServingRules, e: _Errors) -> None:
     if r.temperature is not None:
         t = r.temperature
         e.check(math.isfinite(t) and t >= 0, "temperature", t, f"must be a finite number >= 0, got {t}")
@@ -238,9 +380,13 @@ def _check_sampling(r: GenerationRequest, facts: EngineInfo, limits: RequestLimi
     if r.repetition_penalty is not None:
         p = r.repetition_penalty
         e.check(math.isfinite(p) and p > 0, "repetition_penalty", p, f"must be a finite number > 0 (1 = off), got {p}")
+    if r.n is not None:
+        limit = rules.limits.max_n
+        e.check(1 <= r.n <= limit, "n", r.n, f"{r.n} completions; must be 1 to {limit}")
 
 
-def _check_stopping(r: GenerationRequest, facts: EngineInfo, limits: RequestLimits, e: _Errors) -> None:
+def _check_stopping(r: GenerationRequest, rules: ServingRules, e: _Errors) -> None:
+    limits = rules.limits
     if r.max_tokens is not None:
         e.check(r.max_tokens >= 1, "max_tokens", r.max_tokens, "must be >= 1")
     e.check(
@@ -249,31 +395,28 @@ def _check_stopping(r: GenerationRequest, facts: EngineInfo, limits: RequestLimi
         len(r.stop),
         f"{len(r.stop)} stop strings; the limit is {limits.max_stop_strings}",
     )
-    for i, stop in enumerate(r.stop):
+    for i, stop in enumerate(r.stop[: limits.max_stop_strings]):
         e.check(
             0 < len(stop) <= limits.max_stop_string_chars,
             f"stop[{i}]",
             len(stop),
             f"must have 1 to {limits.max_stop_string_chars} characters, has {len(stop)}",
         )
-    e.items.extend(_check_vocab("stop_token_ids", r.stop_token_ids, facts.vocab_size))
+    e.items.extend(_check_vocab("stop_token_ids", r.stop_token_ids, rules.facts.vocab_size))
 
 
-def _check_logprobs(r: GenerationRequest, facts: EngineInfo, limits: RequestLimits, e: _Errors) -> None:
-    if r.logprobs is not None:
-        e.check(
-            0 <= r.logprobs <= limits.max_logprobs,
-            "logprobs",
-            r.logprobs,
-            f"{r.logprobs} is outside [0, {limits.max_logprobs}]",
-        )
+def _check_logprobs(r: GenerationRequest, rules: ServingRules, e: _Errors) -> None:
+    limit = rules.limits.max_logprobs
+    for name, value in (("logprobs", r.logprobs), ("prompt_logprobs", r.prompt_logprobs)):
+        if value is not None:
+            e.check(0 <= value <= limit, name, value, f"{value} is outside [0, {limit}]")
 
 
-def _check_attention(r: GenerationRequest, facts: EngineInfo, limits: RequestLimits, e: _Errors) -> None:
+def _check_attention(r: GenerationRequest, rules: ServingRules, e: _Errors) -> None:
     a = r.attention
     if a is None:
         return
-    n = facts.num_layers
+    n = rules.facts.num_layers
     e.check(len(a.layers) > 0, "attention.layers", [], f"name at least one layer (0..{n - 1}, or -1)")
     for i, layer in enumerate(a.layers):
         e.check(
@@ -287,6 +430,12 @@ def _check_attention(r: GenerationRequest, facts: EngineInfo, limits: RequestLim
         "attention.head_reduction",
         a.head_reduction,
         f"unknown value {a.head_reduction!r} (use {', '.join(HEAD_REDUCTIONS)})",
+    )
+    e.check(
+        a.dtype is None or a.dtype in WEIGHTS_DTYPES,
+        "attention.dtype",
+        a.dtype,
+        f"unknown value {a.dtype!r} (use {', '.join(WEIGHTS_DTYPES)})",
     )
 
 
@@ -309,23 +458,27 @@ def _prompt_of(r: GenerationRequest) -> Prompt:
     return Prompt("token_ids", token_ids=tuple(r.token_ids or ()))
 
 
-def _params(r: GenerationRequest, facts: EngineInfo, limits: RequestLimits) -> SamplingParams:
+def _params(r: GenerationRequest, rules: ServingRules) -> SamplingParams:
+    d, facts = rules.defaults, rules.facts
     attention = None
     if r.attention is not None:
         layers = tuple(sorted({layer % facts.num_layers for layer in r.attention.layers}))
         reduction = HEAD_REDUCTIONS[r.attention.head_reduction or "mean"]
-        attention = AttentionOptions(layers, reduction, r.attention.include_prompt)
+        dtype = WEIGHTS_DTYPES[r.attention.dtype or "float16"]
+        attention = AttentionOptions(layers, reduction, r.attention.include_prompt, dtype)
+    temperature = d.temperature if r.temperature is None else r.temperature
     return SamplingParams(
-        temperature=1.0 if r.temperature is None else r.temperature,
-        top_k=r.top_k or 0,
-        top_p=1.0 if r.top_p is None else r.top_p,
-        min_p=r.min_p or 0.0,
-        repetition_penalty=1.0 if r.repetition_penalty is None else r.repetition_penalty,
+        temperature=0.0 if temperature < GREEDY_BELOW_TEMPERATURE else temperature,
+        top_k=d.top_k if r.top_k is None else r.top_k,
+        top_p=d.top_p if r.top_p is None else r.top_p,
+        min_p=d.min_p if r.min_p is None else r.min_p,
+        repetition_penalty=d.repetition_penalty if r.repetition_penalty is None else r.repetition_penalty,
         seed=r.seed,
-        max_tokens=limits.default_max_tokens if r.max_tokens is None else r.max_tokens,
+        max_tokens=rules.limits.default_max_tokens if r.max_tokens is None else r.max_tokens,
         stop=tuple(r.stop),
         stop_token_ids=tuple(r.stop_token_ids),
         ignore_eos=r.ignore_eos,
         logprobs=r.logprobs,
+        prompt_logprobs=r.prompt_logprobs,
         attention=attention,
     )

@@ -16,9 +16,21 @@ class SchedulerConfig:
     max_num_seqs: int = 64  # requests running at once
     max_num_waiting: int = 256  # requests queued before admission is refused
     max_model_len: int = 2048  # prompt + output tokens of one request
+    # Attention scores (query x key x layer x head) the explicit path may compute in one step
+    # for prompt rows: a long prompt asking for them is chunked by this, not only by tokens,
+    # so its step stays as short (and as small in memory) as any other prefill's.
+    max_attention_scores_per_step: int = 1 << 25
+    num_attention_heads: int = 1  # the model's; set by the engine
 
     def __post_init__(self) -> None:
-        for name in ("max_num_batched_tokens", "max_num_seqs", "max_num_waiting", "max_model_len"):
+        for name in (
+            "max_num_batched_tokens",
+            "max_num_seqs",
+            "max_num_waiting",
+            "max_model_len",
+            "max_attention_scores_per_step",
+            "num_attention_heads",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
@@ -41,7 +53,21 @@ class CacheConfig:
 
 
 @dataclass(frozen=True)
+class StreamConfig:
+    """Back-pressure: what the engine holds for one reader before it stops computing for it."""
+
+    max_backlog_tokens: int = 256  # tokens produced but not yet taken by the door
+    max_backlog_bytes: int = 16 << 20  # attention bytes produced but not yet taken
+    stalled_timeout_s: float = 60.0  # a request held back this long is ended (FinishReason.STALLED)
+
+    def __post_init__(self) -> None:
+        if self.max_backlog_tokens < 1 or self.max_backlog_bytes < 1 or self.stalled_timeout_s <= 0:
+            raise ValueError("stream backlog limits and the stalled-reader timeout must be > 0")
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
+    stream: StreamConfig = field(default_factory=StreamConfig)
     max_model_len: int | None = None  # None = the model's context, capped by the cache size

@@ -40,17 +40,30 @@ DEADLINE_SLACK_S = 0.05
 
 
 class RequestStream:
-    """Async iterator over one request's outputs; ends after the finished one."""
+    """Async iterator over one request's outputs; ends after the finished one.
+
+    Back-pressure: the engine thread counts what it produces, the reader's loop what it
+    takes (one writer each, so no lock); the difference is the backlog the engine checks
+    before each step.
+    """
 
     def __init__(self, engine: Engine, request: Request) -> None:
         self.request = request
         self._engine = engine
         self._queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
         self.finished = False
+        self.produced_tokens = self.produced_bytes = 0  # engine thread
+        self.taken_tokens = self.taken_bytes = 0  # the reader's event loop
+        self.paused_since: float | None = None  # engine thread
 
     @property
     def request_id(self) -> str:
         return self.request.request_id
+
+    @property
+    def backlog(self) -> tuple[int, int]:
+        """(tokens, attention bytes) produced but not yet taken by the reader."""
+        return self.produced_tokens - self.taken_tokens, self.produced_bytes - self.taken_bytes
 
     def __aiter__(self) -> AsyncIterator[RequestOutput]:
         return self._iterate()
@@ -59,6 +72,10 @@ class RequestStream:
         try:
             while not self.finished:
                 out = await self._queue.get()
+                self.taken_tokens += len(out.token_ids)
+                self.taken_bytes += out.num_attention_bytes
+                if self.paused_since is not None:
+                    self._engine.wake()  # it may catch up: let the engine look again
                 self.finished = out.finished
                 yield out
         finally:
@@ -82,7 +99,9 @@ class Engine:
         capacity = self.runner.num_blocks * config.cache.block_size
         context = loaded.config.max_position_embeddings
         max_model_len = min(config.max_model_len or context, capacity, context)
-        sched_config = dataclasses.replace(config.scheduler, max_model_len=max_model_len)
+        sched_config = dataclasses.replace(
+            config.scheduler, max_model_len=max_model_len, num_attention_heads=loaded.config.num_heads
+        )
         self.config = dataclasses.replace(config, scheduler=sched_config, max_model_len=max_model_len)
         self.block_manager = BlockManager(
             self.runner.num_blocks, config.cache.block_size, enable_prefix_caching=config.cache.enable_prefix_caching
@@ -112,6 +131,7 @@ class Engine:
             architecture=c.architecture,
             context_length=self.max_model_len,
             vocab_size=c.vocab_size,
+            max_token_chars=self.tokenizer.max_token_chars,
             num_layers=c.num_layers,
             num_heads=c.num_heads,
             num_kv_heads=c.num_kv_heads,
@@ -123,6 +143,8 @@ class Engine:
             max_num_seqs=sched.max_num_seqs,
             max_num_waiting=sched.max_num_waiting,
             max_num_batched_tokens=sched.max_num_batched_tokens,
+            max_stream_backlog_bytes=self.config.stream.max_backlog_bytes,
+            generation_defaults=dict(self.loaded.generation_defaults),
         )
 
     def stats(self) -> EngineStats:
@@ -133,6 +155,8 @@ class Engine:
             kv_cache_usage=self.block_manager.usage,
             num_free_blocks=self.block_manager.num_free_blocks,
             num_preemptions=self.scheduler.num_preemptions,
+            num_paused=len(self.scheduler.paused),
+            stream_backlog_bytes=sum(stream.backlog[1] for _, stream, _ in list(self._streams.values())),
         )
 
     # ---------------------------------------------------------------- lifecycle
@@ -154,7 +178,7 @@ class Engine:
             time.sleep(0.01)
         with self._lock:
             for request_id in list(self.scheduler.requests):
-                self._aborts.append((request_id, FinishReason.ABORT))
+                self._aborts.append((request_id, FinishReason.SHUTDOWN))
         self._wakeup.set()
         while self.has_work and self.is_alive and time.monotonic() < deadline + 5:
             time.sleep(0.01)
@@ -179,8 +203,14 @@ class Engine:
         *,
         request_id: str | None = None,
         timeout_s: float | None = None,
+        priority: int = 0,
+        shares_prompt_with: str | None = None,
     ) -> RequestStream:
-        """Queue a request; call from a running event loop. Raises QueueFullError, ValueError, EngineStoppedError."""
+        """Queue a request; call from a running event loop. Raises QueueFullError, ValueError, EngineStoppedError.
+
+        ``shares_prompt_with`` names a request with the same prompt (another of n completions):
+        this one waits for it to compute the prompt and then reuses its blocks.
+        """
         if not self._accepting:
             raise EngineStoppedError("the server is shutting down and takes no new requests")
         loop = asyncio.get_running_loop()
@@ -197,6 +227,8 @@ class Engine:
             arrival_time=now,
             eos_token_ids=self.tokenizer.eos_token_ids,
             deadline=None if timeout_s is None else now + timeout_s,
+            priority=priority,
+            shares_prompt_with=shares_prompt_with,
         )
         stream = RequestStream(self, request)
         with self._lock:
@@ -208,6 +240,16 @@ class Engine:
     def abort(self, request_id: str, reason: FinishReason = FinishReason.ABORT) -> None:
         """Finish a request at the start of the next step (safe from any thread)."""
         self._aborts.append((request_id, reason))
+        self._wakeup.set()
+
+    def is_in_flight(self, request_id: str) -> bool:
+        return request_id in self._streams
+
+    def waiting_room(self) -> int:
+        """Requests the waiting queue still takes: a door can refuse before doing any work."""
+        return self.config.scheduler.max_num_waiting - self.scheduler.num_waiting
+
+    def wake(self) -> None:
         self._wakeup.set()
 
     async def generate(
@@ -223,30 +265,31 @@ class Engine:
     # -------------------------------------------------------------------- loop
     def _run(self) -> None:
         while not self._stop:
-            if not self._wakeup.wait(timeout=0.5):
-                continue
+            # Sleep until woken (a request, an abort, a reader catching up) or for at most 0.5 s
+            # (deadlines and stalled readers are checked at each step).
+            self._wakeup.wait(timeout=0.5)
+            self._wakeup.clear()  # a wake-up during the steps below is kept for the next wait
             try:
-                self.step()
+                while not self._stop and self.step():
+                    pass
             except Exception:  # a bug: fail the requests of that step, keep serving the rest
                 log.exception("engine step failed")
-            if not self.has_work:
-                self._wakeup.clear()
-                if self.has_work:  # raced with add_request/abort
-                    self._wakeup.set()
 
-    def step(self) -> None:
+    def step(self) -> bool:
+        """One schedule -> execute -> update; False if nothing was scheduled."""
         start = time.monotonic()
         with self._lock:
             while self._aborts:
                 request_id, reason = self._aborts.popleft()
                 self.scheduler.abort(request_id, reason)
+            self._apply_back_pressure(start)
             plan = self.scheduler.schedule()
         try:
             result = self.runner.execute(plan) if not plan.is_empty else RunnerOutput()
         except Exception as exc:
             log.exception("model step failed; failing its %d requests", len(plan.requests))
             self._fail(plan, exc)
-            return
+            return True
         with self._lock:
             deltas = self.scheduler.update(plan, result)
             deliveries = [self._output(delta) for delta in deltas]
@@ -268,6 +311,34 @@ class Engine:
             )
             for observe in self.step_observers:
                 observe(stats)
+        return not plan.is_empty
+
+    def _apply_back_pressure(self, now: float) -> None:
+        """Hold back running requests whose reader is behind; end those held back too long."""
+        limits = self.config.stream
+        paused = self.scheduler.paused
+        for request in self.scheduler.running:
+            entry = self._streams.get(request.request_id)
+            if entry is None:
+                continue
+            stream = entry[1]
+            tokens, num_bytes = stream.backlog
+            if tokens < limits.max_backlog_tokens and num_bytes < limits.max_backlog_bytes:
+                stream.paused_since = None
+                paused.discard(request.request_id)
+                continue
+            if stream.paused_since is None:
+                stream.paused_since = now
+                paused.add(request.request_id)
+            elif now - stream.paused_since > limits.stalled_timeout_s:
+                log.warning(
+                    "request %s: its reader took nothing for %.0fs (%d tokens, %d attention bytes waiting); ending it",
+                    request.request_id,
+                    now - stream.paused_since,
+                    tokens,
+                    num_bytes,
+                )
+                self.scheduler.abort(request.request_id, FinishReason.STALLED)
 
     def _output(self, delta: RequestDelta) -> tuple[asyncio.AbstractEventLoop, RequestStream, RequestOutput] | None:
         entry = self._streams.get(delta.request_id)
@@ -275,6 +346,8 @@ class Engine:
             return None
         loop, stream, processor = entry
         out = processor.process(delta)
+        stream.produced_tokens += len(out.token_ids)
+        stream.produced_bytes += out.num_attention_bytes
         request = processor.request
         if out.finish_reason is not None:
             if not request.is_finished:  # a stop string ended it
@@ -332,6 +405,7 @@ def merge_outputs(a: RequestOutput, b: RequestOutput) -> RequestOutput:
         text=a.text + b.text,
         logprobs=a.logprobs + b.logprobs,
         attention=a.attention + b.attention,
+        prompt_logprobs=a.prompt_logprobs + b.prompt_logprobs,
         finish_reason=b.finish_reason,
         stop_reason=b.stop_reason,
         usage=b.usage,

@@ -39,6 +39,7 @@ class RequestOutput:
     text: str = ""
     logprobs: list[TokenLogprobs] = field(default_factory=list)
     attention: list[AttentionRow] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)
     finish_reason: FinishReason | None = None
     stop_reason: str | int | None = None  # the stop string or token id that ended it
     usage: Usage | None = None
@@ -48,6 +49,10 @@ class RequestOutput:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    @property
+    def num_attention_bytes(self) -> int:
+        return sum(row.num_bytes for row in self.attention)
 
 
 class OutputProcessor:
@@ -60,7 +65,14 @@ class OutputProcessor:
 
     def process(self, delta: RequestDelta) -> RequestOutput:
         """Turn a delta into an output; sets ``finish_reason`` STOP if a stop string matched."""
-        out = RequestOutput(delta.request_id, list(delta.new_token_ids), "", delta.logprobs, delta.attention)
+        out = RequestOutput(
+            delta.request_id,
+            list(delta.new_token_ids),
+            "",
+            delta.logprobs,
+            delta.attention,
+            prompt_logprobs=delta.prompt_logprobs,
+        )
         stop_tokens = self.request.stop_token_ids()
         text = []
         for token in delta.new_token_ids:

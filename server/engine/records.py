@@ -13,9 +13,10 @@ No torch, no grpc: the runner turns tensors into these before they leave it.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from attnserve.server.engine.request import FinishReason, SamplingParams
+from attnserve.server.engine.request import FinishReason, SamplingParams, WeightsDtype
 
 
 @dataclass
@@ -28,8 +29,13 @@ class ScheduledRequest:
     block_table: list[int]
     params: SamplingParams
     num_output_tokens: int  # generated so far: the seeded sampler's step
+    num_prompt_tokens: int
     is_sampling: bool  # this chunk ends at the last known token: sample the next one
     all_token_ids: list[int] | None = None  # only when a repetition penalty needs them
+    # Prompt rows (attention, prompt logprobs) are due for positions >= this; None = none due.
+    # (A request recomputed after preemption does not report its prompt twice.)
+    report_prompt_from: int | None = None
+    next_token_id: int | None = None  # the known token after this chunk (prompt logprobs of its last row)
 
     @property
     def seq_len(self) -> int:
@@ -52,17 +58,24 @@ class TokenLogprobs:
     logprob: float
     top_token_ids: list[int]
     top_logprobs: list[float]
+    token_id: int | None = None  # set for prompt logprobs (a generated token's id travels beside it)
 
 
 @dataclass
 class AttentionRow:
-    """Attention weights of one query position at one layer, float32 bytes of shape (heads or 1, context_len)."""
+    """Attention weights of one query position at one layer: little-endian ``dtype`` bytes of shape
+    (heads or 1, context_len)."""
 
     layer: int
     position: int
     num_heads: int
     context_len: int
     weights: bytes
+    dtype: WeightsDtype = WeightsDtype.FLOAT32
+
+    @property
+    def num_bytes(self) -> int:
+        return len(self.weights)
 
 
 @dataclass
@@ -70,6 +83,7 @@ class RunnerOutput:
     sampled_token_ids: dict[str, int] = field(default_factory=dict)
     logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
     attention: dict[str, list[AttentionRow]] = field(default_factory=dict)
+    prompt_logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)
 
 
 @dataclass
@@ -80,6 +94,7 @@ class RequestDelta:
     new_token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprobs] = field(default_factory=list)
     attention: list[AttentionRow] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)
     finish_reason: FinishReason | None = None
 
 
@@ -91,6 +106,7 @@ class EngineInfo:
     architecture: str
     context_length: int
     vocab_size: int
+    max_token_chars: int  # longest vocabulary entry: bounds a prompt's tokens from below by its characters
     num_layers: int
     num_heads: int
     num_kv_heads: int
@@ -102,6 +118,8 @@ class EngineInfo:
     max_num_seqs: int
     max_num_waiting: int
     max_num_batched_tokens: int
+    max_stream_backlog_bytes: int  # attention bytes a reader may fall behind by before its request pauses
+    generation_defaults: Mapping[str, float] = field(default_factory=dict)  # the model's generation_config.json
 
 
 @dataclass(frozen=True)
@@ -113,6 +131,8 @@ class EngineStats:
     kv_cache_usage: float  # fraction of blocks held by requests
     num_free_blocks: int
     num_preemptions: int
+    num_paused: int  # running requests held back because their reader is behind
+    stream_backlog_bytes: int  # attention bytes produced but not yet taken by the doors
 
 
 @dataclass

@@ -13,7 +13,9 @@ class RequestStatus(enum.Enum):
     PREEMPTED = "preempted"  # blocks taken back; waits to recompute its tokens
     FINISHED_STOPPED = "finished_stopped"  # EOS, a stop token or a stop string
     FINISHED_LENGTH = "finished_length"  # max_tokens or the model's maximum length
-    FINISHED_ABORTED = "finished_aborted"  # cancelled by the client or the server
+    FINISHED_ABORTED = "finished_aborted"  # cancelled by the client or by an Abort call
+    FINISHED_SHUTDOWN = "finished_shutdown"  # cut by the server's drain timeout
+    FINISHED_STALLED = "finished_stalled"  # its reader stopped reading for too long
     FINISHED_DEADLINE = "finished_deadline"  # the client's deadline passed
     FINISHED_ERROR = "finished_error"  # the step that served it failed
 
@@ -25,15 +27,24 @@ class RequestStatus(enum.Enum):
 class FinishReason(enum.Enum):
     STOP = "stop"
     LENGTH = "length"
-    ABORT = "abort"
+    ABORT = "abort"  # the client went away, or an Abort call
+    SHUTDOWN = "shutdown"  # the server stopped before it finished
+    STALLED = "stalled"  # its stream was not read for too long
     DEADLINE = "deadline"
     ERROR = "error"
+
+    @property
+    def is_complete(self) -> bool:
+        """The answer is whole (a stop condition ended it), not cut short."""
+        return self in (FinishReason.STOP, FinishReason.LENGTH)
 
 
 FINISHED_STATUS = {
     FinishReason.STOP: RequestStatus.FINISHED_STOPPED,
     FinishReason.LENGTH: RequestStatus.FINISHED_LENGTH,
     FinishReason.ABORT: RequestStatus.FINISHED_ABORTED,
+    FinishReason.SHUTDOWN: RequestStatus.FINISHED_SHUTDOWN,
+    FinishReason.STALLED: RequestStatus.FINISHED_STALLED,
     FinishReason.DEADLINE: RequestStatus.FINISHED_DEADLINE,
     FinishReason.ERROR: RequestStatus.FINISHED_ERROR,
 }
@@ -45,6 +56,15 @@ class HeadReduction(enum.Enum):
     MAX = "max"
 
 
+class WeightsDtype(enum.Enum):
+    FLOAT16 = "float16"
+    FLOAT32 = "float32"
+
+    @property
+    def num_bytes(self) -> int:
+        return 2 if self is WeightsDtype.FLOAT16 else 4
+
+
 @dataclass(frozen=True)
 class AttentionOptions:
     """Which attention weights to return with each token."""
@@ -52,6 +72,7 @@ class AttentionOptions:
     layers: tuple[int, ...]
     reduction: HeadReduction = HeadReduction.MEAN
     include_prompt: bool = False
+    dtype: WeightsDtype = WeightsDtype.FLOAT16
 
 
 @dataclass(frozen=True)
@@ -69,7 +90,13 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None  # None = no logprobs; n >= 0 = chosen token plus top-n
+    prompt_logprobs: int | None = None  # None = none; n >= 0 = each prompt token's logprob plus top-n
     attention: AttentionOptions | None = None
+
+    @property
+    def needs_every_prompt_position(self) -> bool:
+        """Prompt rows (attention or logprobs) are asked for: the prompt is computed in full, no prefix reuse."""
+        return self.prompt_logprobs is not None or (self.attention is not None and self.attention.include_prompt)
 
 
 @dataclass
@@ -83,20 +110,31 @@ class Request:
     arrival_time: float
     eos_token_ids: tuple[int, ...] = ()
     deadline: float | None = None  # same clock as arrival_time
+    priority: int = 0  # lower runs first
+    # A sibling (another completion of the same prompt) whose prefill this one waits for,
+    # so that it finds the prompt's blocks in the prefix cache instead of recomputing them.
+    shares_prompt_with: str | None = None
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache (first admission)
+    num_prompt_reported: int = 0  # prompt positions whose rows (attention, logprobs) went out
     block_table: list[int] = field(default_factory=list)
     num_preemptions: int = 0
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     finish_time: float | None = None
     finish_reason: FinishReason | None = None
+    arrival_index: int = 0  # set by the scheduler: ties within a priority go first come, first served
 
     def __post_init__(self) -> None:
         if not self.prompt_token_ids:
             raise ValueError("a request needs at least one prompt token")
+
+    @property
+    def order(self) -> tuple[int, int]:
+        """Scheduling order: priority, then arrival."""
+        return (self.priority, self.arrival_index)
 
     @property
     def num_prompt_tokens(self) -> int:

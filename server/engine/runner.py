@@ -7,15 +7,17 @@ tensors leave this module.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from attnserve.model.attention import AttentionMetadata
 from attnserve.model.kv_cache import KVCache, kv_cache_bytes_per_block
 from attnserve.model.llama import LlamaForCausalLM
-from attnserve.model.sampling import SamplingTensors, sample, step_generator, top_logprobs
+from attnserve.model.sampling import SamplingTensors, fetch_sampled, sample, step_generator
 from attnserve.server.engine.config import CacheConfig
 from attnserve.server.engine.records import AttentionRow, RunnerOutput, ScheduledRequest, SchedulerOutput, TokenLogprobs
-from attnserve.server.engine.request import HeadReduction
+from attnserve.server.engine.request import HeadReduction, WeightsDtype
 
 
 def kv_cache_budget(config: CacheConfig, device: torch.device) -> int:
@@ -49,96 +51,155 @@ class ModelRunner:
         items = plan.requests
         if not items:
             return RunnerOutput()
-        sampling_rows = [i for i, item in enumerate(items) if item.is_sampling]
-        # The last token of each sampling request gives the logits.
-        ends, total = [], 0
-        for item in items:
-            total += len(item.token_ids)
-            ends.append(total - 1)
-        attention_requests = {
-            i: item.params.attention.layers for i, item in enumerate(items) if item.params.attention is not None
-        }
+        sampling = [i for i, item in enumerate(items) if item.is_sampling]
+        scoring = {i: rows for i, item in enumerate(items) if (rows := _prompt_logprob_rows(item))}
+        attention = {i: due for i, item in enumerate(items) if (due := _attention_positions(item))}
+        query_starts = list(itertools.accumulate((len(item.token_ids) for item in items), initial=0))
+        # Logits for the sampling rows (the last of their chunk), then for the prompt rows being scored.
+        logits_rows = [query_starts[i + 1] - 1 for i in sampling]
+        logits_rows += [query_starts[i] + r for i, rows in scoring.items() for r in rows]
         meta = AttentionMetadata.build(
             block_tables=[item.block_table for item in items],
             seq_lens=[item.seq_len for item in items],
             query_lens=[len(item.token_ids) for item in items],
             block_size=self.block_size,
             device=self.device,
-            logits_indices=[ends[i] for i in sampling_rows],
-            attention_requests=attention_requests,
+            logits_indices=logits_rows,
+            attention_requests={i: items[i].params.attention.layers for i in attention},  # type: ignore[union-attr]
+            attention_rows={i: _capture_range(items[i], due) for i, due in attention.items()},
         )
         input_ids = torch.tensor([t for item in items for t in item.token_ids], dtype=torch.long, device=self.device)
         logits = self.model(input_ids, meta.positions, self.kv_cache, meta)
 
         out = RunnerOutput()
-        if attention_requests:
-            out.attention = _attention_rows(items, meta)
-        if not sampling_rows:
-            return out
-        rows = [items[i] for i in sampling_rows]
-        tokens = self._sample(logits, rows)
-        token_list = tokens.tolist()
-        for item, token in zip(rows, token_list, strict=True):
-            out.sampled_token_ids[item.request_id] = token
-        wanting = [k for k, item in enumerate(rows) if item.params.logprobs is not None]
-        if wanting:
-            top_n = max(rows[k].params.logprobs or 0 for k in wanting)
-            index = torch.tensor(wanting, device=logits.device)
-            chosen, values, ids = top_logprobs(logits[index], tokens[index], top_n)
-            for j, k in enumerate(wanting):
-                n = rows[k].params.logprobs or 0
-                out.logprobs[rows[k].request_id] = TokenLogprobs(
-                    float(chosen[j]), ids[j, :n].tolist(), values[j, :n].tolist()
+        if attention:
+            out.attention = self._attention_rows(items, attention, meta)
+        if scoring:
+            out.prompt_logprobs = _score_prompt(items, scoring, logits[len(sampling) :])
+        if sampling:
+            rows = [items[i] for i in sampling]
+            tokens, logprobs = self._sample(logits[: len(sampling)], rows)
+            for item, token in zip(rows, tokens, strict=True):
+                out.sampled_token_ids[item.request_id] = token
+            out.logprobs.update(logprobs)
+        return out
+
+    def _attention_rows(
+        self, items: list[ScheduledRequest], due: dict[int, list[int]], meta: AttentionMetadata
+    ) -> dict[str, list[AttentionRow]]:
+        """The asked-for weight rows, computed from the cache one (request, layer) at a time and
+        reduced over heads at once, so at most one layer's rows are ever held in float32."""
+        out: dict[str, list[AttentionRow]] = {}
+        for seq, layer in sorted(meta.captured_queries):
+            item, positions = items[seq], due[seq]
+            options = item.params.attention
+            assert options is not None
+            first, weights = self.model.attention_weights(meta, self.kv_cache, seq=seq, layer=layer)  # (H, n, L)
+            weights = weights[:, [p - first for p in positions]]
+            if options.reduction is HeadReduction.MEAN:
+                weights = weights.mean(dim=0, keepdim=True)
+            elif options.reduction is HeadReduction.MAX:
+                weights = weights.amax(dim=0, keepdim=True)
+            encoded = weights.to(_TORCH_DTYPE[options.dtype]).cpu().numpy().astype(_WIRE_DTYPE[options.dtype])
+            for k, position in enumerate(positions):
+                row = encoded[:, k, : position + 1]  # (heads, context): its own position and all before
+                out.setdefault(item.request_id, []).append(
+                    AttentionRow(layer, position, row.shape[0], row.shape[1], row.tobytes(), options.dtype)
                 )
         return out
 
-    def _sample(self, logits: torch.Tensor, rows: list[ScheduledRequest]) -> torch.Tensor:
+    def _sample(self, logits: torch.Tensor, rows: list[ScheduledRequest]) -> tuple[list[int], dict[str, TokenLogprobs]]:
+        """Sample every row, then bring the tokens and the asked-for logprobs to the host in one transfer."""
         params = [item.params for item in rows]
         if all(p.temperature == 0 and p.repetition_penalty == 1.0 for p in params):
-            return logits.argmax(dim=-1)  # all greedy: skip the per-row machinery
-        tensors = SamplingTensors.from_lists(
-            temperature=[p.temperature for p in params],
-            top_k=[p.top_k for p in params],
-            top_p=[p.top_p for p in params],
-            min_p=[p.min_p for p in params],
-            repetition_penalty=[p.repetition_penalty for p in params],
-            device=logits.device,
-        )
-        seen = None
-        if any(item.all_token_ids is not None for item in rows):
-            width = max(len(item.all_token_ids or ()) for item in rows)
-            seen = torch.full((len(rows), width), -1, dtype=torch.long)
-            for k, item in enumerate(rows):
-                if item.all_token_ids:
-                    seen[k, : len(item.all_token_ids)] = torch.tensor(item.all_token_ids)
-            seen = seen.to(logits.device)
-        generators = [
-            None if p.seed is None else step_generator(p.seed, item.num_output_tokens, logits.device)
-            for p, item in zip(params, rows, strict=True)
-        ]
-        return sample(logits, tensors, seen_ids=seen, generators=generators)
-
-
-def _attention_rows(items: list[ScheduledRequest], meta: AttentionMetadata) -> dict[str, list[AttentionRow]]:
-    """Per request, the weight rows it asked for: every prompt row if include_prompt, else the row
-    behind the next token (the last query of a sampling chunk)."""
-    out: dict[str, list[AttentionRow]] = {}
-    for (seq, layer), weights in sorted(meta.captured_attention.items()):
-        item = items[seq]
-        options = item.params.attention
-        assert options is not None
-        first = item.num_computed_tokens
-        queries = range(weights.shape[1])
-        if not options.include_prompt or item.num_output_tokens > 0:
-            queries = range(weights.shape[1] - 1, weights.shape[1]) if item.is_sampling else range(0)
-        for q in queries:
-            row = weights[:, q, : first + q + 1]  # (H, context) up to and including its own position
-            if options.reduction is HeadReduction.MEAN:
-                row = row.mean(dim=0, keepdim=True)
-            elif options.reduction is HeadReduction.MAX:
-                row = row.amax(dim=0, keepdim=True)
-            row = row.contiguous().cpu()
-            out.setdefault(item.request_id, []).append(
-                AttentionRow(layer, first + q, row.shape[0], row.shape[1], row.numpy().tobytes())
+            tokens = logits.argmax(dim=-1)  # all greedy: skip the per-row machinery
+        else:
+            tensors = SamplingTensors.from_lists(
+                temperature=[p.temperature for p in params],
+                top_k=[p.top_k for p in params],
+                top_p=[p.top_p for p in params],
+                min_p=[p.min_p for p in params],
+                repetition_penalty=[p.repetition_penalty for p in params],
+                device=logits.device,
             )
+            seen = None
+            if any(item.all_token_ids is not None for item in rows):
+                width = max(len(item.all_token_ids or ()) for item in rows)
+                seen = torch.full((len(rows), width), -1, dtype=torch.long)
+                for k, item in enumerate(rows):
+                    if item.all_token_ids:
+                        seen[k, : len(item.all_token_ids)] = torch.tensor(item.all_token_ids)
+                seen = seen.to(logits.device)
+            generators = [
+                None if p.seed is None else step_generator(p.seed, item.num_output_tokens, logits.device)
+                for p, item in zip(params, rows, strict=True)
+            ]
+            tokens = sample(logits, tensors, seen_ids=seen, generators=generators)
+        num_top = max((p.logprobs for p in params if p.logprobs is not None), default=None)
+        fetched = fetch_sampled(tokens, None if num_top is None else logits, num_top=num_top or 0)
+        logprobs = {}
+        for k, (item, p) in enumerate(zip(rows, params, strict=True)):
+            if p.logprobs is not None:
+                assert fetched.logprobs is not None and fetched.top_token_ids is not None
+                assert fetched.top_logprobs is not None
+                logprobs[item.request_id] = TokenLogprobs(
+                    fetched.logprobs[k], fetched.top_token_ids[k][: p.logprobs], fetched.top_logprobs[k][: p.logprobs]
+                )
+        return fetched.token_ids, logprobs
+
+
+def _attention_positions(item: ScheduledRequest) -> list[int]:
+    """Positions whose attention rows this step owes the request: its prompt rows (include_prompt)
+    not yet reported, and the row behind the token it samples."""
+    options = item.params.attention
+    if options is None:
+        return []
+    start, end = item.num_computed_tokens, item.seq_len
+    due: list[int] = []
+    if options.include_prompt and item.report_prompt_from is not None:
+        due = list(range(max(item.report_prompt_from, start), min(item.num_prompt_tokens, end)))
+    if item.is_sampling and (not due or due[-1] != end - 1):
+        due.append(end - 1)
+    return due
+
+
+def _capture_range(item: ScheduledRequest, due: list[int]) -> tuple[int, int]:
+    """(first row within the chunk, number of rows): the contiguous rows covering every due position."""
+    first = due[0] - item.num_computed_tokens
+    return first, len(item.token_ids) - first
+
+
+def _prompt_logprob_rows(item: ScheduledRequest) -> list[int]:
+    """Rows (within the chunk) whose logits score the next prompt token, for prompt_logprobs."""
+    if item.params.prompt_logprobs is None or item.report_prompt_from is None:
+        return []
+    start, end = item.num_computed_tokens, item.seq_len
+    last = min(end, item.num_prompt_tokens - 1)  # position P-1 predicts a generated token, not a prompt one
+    return [p - start for p in range(max(item.report_prompt_from, start), last)]
+
+
+def _score_prompt(
+    items: list[ScheduledRequest], scoring: dict[int, list[int]], logits: torch.Tensor
+) -> dict[str, list[TokenLogprobs]]:
+    """Each scored row's logprob of the prompt token after it, and the top-n, in one transfer."""
+    targets = []
+    for i, rows in scoring.items():
+        following = [*items[i].token_ids[1:], items[i].next_token_id]
+        targets += [following[r] for r in rows]
+    top_n = max(items[i].params.prompt_logprobs or 0 for i in scoring)
+    target_ids = torch.tensor(targets, dtype=torch.long, device=logits.device)
+    fetched = fetch_sampled(target_ids, logits, num_top=top_n)
+    out: dict[str, list[TokenLogprobs]] = {}
+    k = 0
+    for i, rows in scoring.items():
+        n = items[i].params.prompt_logprobs or 0
+        out[items[i].request_id] = [
+            TokenLogprobs(fetched.logprobs[k + j], fetched.top_token_ids[k + j][:n], fetched.top_logprobs[k + j][:n], t)
+            for j, t in enumerate(fetched.token_ids[k : k + len(rows)])
+        ]
+        k += len(rows)
     return out
+
+
+_TORCH_DTYPE = {WeightsDtype.FLOAT16: torch.float16, WeightsDtype.FLOAT32: torch.float32}
+_WIRE_DTYPE = {WeightsDtype.FLOAT16: "<f2", WeightsDtype.FLOAT32: "<f4"}  # little-endian on the wire

@@ -25,6 +25,8 @@ def tiny_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProc
             "64",
             "--shutdown-timeout",
             "10",
+            "--max-attention-bytes-per-request",
+            "4MiB",
         ]
     ).start(log)
     try:

@@ -39,12 +39,17 @@ class ServerProcess:
     args: list[str]
     port: int = field(default_factory=free_port)
     metrics_port: int = field(default_factory=free_port)
+    http_port: int = field(default_factory=free_port)
     proc: subprocess.Popen | None = None
     log_path: Path | None = None
 
     @property
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def http_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}"
 
     def start(self, log_path: Path) -> ServerProcess:
         self.log_path = log_path
@@ -60,6 +65,10 @@ class ServerProcess:
             "127.0.0.1",
             "--metrics-port",
             str(self.metrics_port),
+            "--http-host",
+            "127.0.0.1",
+            "--http-port",
+            str(self.http_port),
             *self.args,
         ]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
@@ -95,9 +104,17 @@ class ServerProcess:
             key, _, value = line.rpartition(" ")
             if key == want:
                 return float(value)
-        if default is not None and f"# TYPE {name.removesuffix('_total')} " in self.metrics_text():
+        if default is not None and f"# TYPE {name} " in self.metrics_text():
             return default
         raise KeyError(f"{want} is not exported")
+
+    def rss_mb(self) -> float:
+        """The server process's resident memory, MB."""
+        assert self.proc is not None
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        raise RuntimeError("no VmRSS line")
 
     def terminate(self) -> int:
         assert self.proc is not None

@@ -21,18 +21,19 @@ def req(**fields) -> pb.GenerateRequest:
     sampling = fields.pop("sampling", {})
     stopping = fields.pop("stopping", {})
     for key, value in fields.items():
+        if key in ("token_ids", "messages"):
+            r.ClearField("prompt")
         if key == "token_ids":
-            r.token_ids.ids.extend(value)
+            r.token_ids.extend(value)
         elif key == "messages":
-            r.messages.SetInParent()
-            for role, content in value:
-                r.messages.messages.add(role=role, content=content)
+            r.messages.extend(pb.ChatMessage(role=role, content=content) for role, content in value)
         elif key == "attention":
             r.attention.SetInParent()
             r.attention.layers.extend(value.get("layers", []))
             r.attention.head_reduction = value.get("head_reduction", 0)
-        elif key == "logprobs":
-            r.logprobs.top_n = value
+            r.attention.include_prompt = value.get("include_prompt", False)
+        elif key in ("logprobs", "prompt_logprobs"):
+            getattr(r, key).top_n = value
         elif key == "no_input":
             r.ClearField("prompt")
         else:
@@ -62,11 +63,12 @@ CASES = [
     ("zero repetition penalty", req(sampling={"repetition_penalty": 0.0}), INVALID, "sampling.repetition_penalty"),
     ("max_tokens of 0", req(stopping={"max_tokens": 0}), INVALID, "stopping.max_tokens"),
     ("max_tokens past the context", req(stopping={"max_tokens": 1020}), INVALID, "stopping.max_tokens"),
-    ("token id past the vocabulary", req(token_ids=[5, 999]), INVALID, "token_ids.ids[1]"),
-    ("negative token id", req(token_ids=[-3]), INVALID, "token_ids.ids[0]"),
-    ("empty token ids", req(token_ids=[]), INVALID, "token_ids.ids"),
-    ("unknown chat role", req(messages=[("wizard", "hi")]), INVALID, "messages.messages[0].role"),
-    ("no chat messages", req(messages=[]), INVALID, "messages.messages"),
+    ("token id past the vocabulary", req(token_ids=[5, 999]), INVALID, "token_ids[1]"),
+    ("negative token id", req(token_ids=[-3]), INVALID, "token_ids[0]"),
+    ("more token ids than the context", req(token_ids=[5] * 1024), INVALID, "token_ids"),
+    ("unknown chat role", req(messages=[("wizard", "hi")]), INVALID, "messages[0].role"),
+    ("prompt and messages both", req(messages=[("user", "hi")], prompt="hi"), INVALID, "input"),
+    ("prompt far past the context", req(prompt="a" * 1_000_000), INVALID, "cannot fit"),
     ("too many stop strings", req(stopping={"stop": [f"s{i}" for i in range(17)]}), INVALID, "stopping.stop"),
     ("empty stop string", req(stopping={"stop": [""]}), INVALID, "stopping.stop[0]"),
     ("stop string too long", req(stopping={"stop": ["x" * 300]}), INVALID, "stopping.stop[0]"),
@@ -86,6 +88,15 @@ CASES = [
         "attention.head_reduction",
     ),
     ("too many logprobs", req(logprobs=50), INVALID, "logprobs.top_n"),
+    ("too many prompt logprobs", req(prompt_logprobs=21), INVALID, "prompt_logprobs.top_n"),
+    ("n of 0", req(n=0), INVALID, "n"),
+    ("n past the limit", req(n=17), INVALID, "n"),
+    (
+        "attention too large for one request",
+        req(attention={"layers": [0, 1], "head_reduction": 1, "include_prompt": True}, prompt="p" * 1000),
+        INVALID,
+        "no prompt rows",
+    ),
     ("unknown model", req(model="gpt-4"), INVALID, "model"),
     ("request id too long", req(request_id="r" * 300), INVALID, "request_id"),
     ("oversize message", req(prompt="x" * (5 << 20)), grpc.StatusCode.RESOURCE_EXHAUSTED, "larger than max"),
@@ -106,7 +117,7 @@ def test_streaming_call_gets_the_same_status(tiny_server: ServerProcess) -> None
     with grpc.insecure_channel(tiny_server.target) as channel:
         from attnserve.v1 import generate_pb2_grpc
 
-        stub = generate_pb2_grpc.GeneratorStub(channel)
+        stub = generate_pb2_grpc.GeneratorServiceStub(channel)
         with pytest.raises(grpc.RpcError) as caught:
             list(stub.GenerateStream(req(sampling={"top_p": 7.0})))
         assert caught.value.code() == INVALID and "sampling.top_p" in caught.value.details()

@@ -12,7 +12,7 @@ from attnserve.model.attention import AttentionMetadata
 from attnserve.model.loader import LoadedModel
 from attnserve.server.engine.core import Engine
 from attnserve.server.engine.errors import QueueFullError
-from attnserve.server.engine.request import AttentionOptions, FinishReason, HeadReduction, SamplingParams
+from attnserve.server.engine.request import AttentionOptions, FinishReason, HeadReduction, SamplingParams, WeightsDtype
 from tests.helpers import new_cache, scattered_block_tables
 from tests.server.engine_utils import make_engine, run_alone, run_together
 
@@ -190,13 +190,16 @@ def test_attention_rows_match_the_explicit_path(engine: Engine, tiny: LoadedMode
         block_tables=tables, seq_lens=[len(full)], query_lens=[len(full)], block_size=8, attention_requests={0: [0, 1]}
     )
     with torch.inference_mode():
-        tiny.model(torch.tensor(full), meta.positions, new_cache(tiny.model, tables, 8), meta)
+        cache = new_cache(tiny.model, tables, 8)
+        tiny.model(torch.tensor(full), meta.positions, cache, meta)
+        weights = {layer: tiny.model.attention_weights(meta, cache, seq=0, layer=layer)[1] for layer in (0, 1)}
     rows = {(r.layer, r.position): r for r in out.attention}
     assert set(rows) == {(layer, p) for layer in (0, 1) for p in range(len(full))}
     for (layer, position), row in rows.items():
-        got = torch.frombuffer(bytearray(row.weights), dtype=torch.float32).view(row.num_heads, row.context_len)
-        expected = meta.captured_attention[(0, layer)][:, position, : position + 1]
-        assert (got - expected).abs().max().item() <= 1e-5
+        assert row.dtype is WeightsDtype.FLOAT16  # the default: half the bytes
+        got = torch.frombuffer(bytearray(row.weights), dtype=torch.float16).float().view(row.num_heads, row.context_len)
+        expected = weights[layer][:, position, : position + 1]
+        assert (got - expected).abs().max().item() <= 1e-3
 
 
 def test_attention_does_not_change_other_requests_tokens(engine: Engine, tiny: LoadedModel) -> None:

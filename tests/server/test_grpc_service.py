@@ -15,7 +15,7 @@ import grpc
 import pytest
 import torch
 
-from attnserve.client import Client, DeadlineExceededError, UnauthenticatedError, UnavailableError
+from attnserve.client import Client, DeadlineExceededError, UnauthenticatedError, UnavailableError, row_weights
 from attnserve.model.attention import AttentionMetadata
 from attnserve.model.loader import load_model
 from attnserve.v1 import generate_pb2 as pb
@@ -24,17 +24,26 @@ from tests.server.server_process import ServerProcess, health_status
 
 GREEDY = dict(temperature=0.0)
 
+
+def tokens_of(reply: pb.GenerateResponse) -> list[int]:
+    """The tokens of a single-completion reply."""
+    (completion,) = reply.completions
+    return list(completion.token_ids)
+
+
 pytestmark = pytest.mark.slow  # a real server process per module
 
 
 def test_unary_equals_concatenated_stream(client: Client) -> None:
-    whole = client.generate("Hello there", max_tokens=24, ignore_eos=True, **GREEDY)
+    reply = client.generate("Hello there", max_tokens=24, ignore_eos=True, **GREEDY)
+    whole = reply.completions[0]
     chunks = list(client.generate_stream("Hello there", max_tokens=24, ignore_eos=True, **GREEDY))
     assert [t for c in chunks for t in c.token_ids] == list(whole.token_ids)
     assert "".join(c.text for c in chunks) == whole.text
     assert chunks[-1].finish_reason == whole.finish_reason == pb.FINISH_REASON_LENGTH
     assert not any(c.finish_reason for c in chunks[:-1])
-    assert whole.usage.completion_tokens == 24 and whole.usage.prompt_tokens == len("Hello there")
+    assert reply.usage.completion_tokens == 24 and reply.usage.prompt_tokens == len("Hello there")
+    assert chunks[-1].usage == reply.usage and not any(c.HasField("usage") for c in chunks[:-1])
 
 
 def test_first_token_arrives_before_the_last_is_generated(client: Client) -> None:
@@ -51,7 +60,9 @@ def test_first_token_arrives_before_the_last_is_generated(client: Client) -> Non
 
 def test_16_concurrent_streams_match_their_solo_results(client: Client) -> None:
     prompts = [f"prompt number {i}: " + "abc" * i for i in range(16)]
-    solo = [list(client.generate(p, max_tokens=32, ignore_eos=True, **GREEDY).token_ids) for p in prompts]
+    solo = [
+        list(client.generate(p, max_tokens=32, ignore_eos=True, **GREEDY).completions[0].token_ids) for p in prompts
+    ]
 
     def stream(p: str) -> list[int]:
         return [t for c in client.generate_stream(p, max_tokens=32, ignore_eos=True, **GREEDY) for t in c.token_ids]
@@ -113,30 +124,35 @@ def test_attention_rows_match_the_models_explicit_path(client: Client) -> None:
         include_prompt=True,
         **GREEDY,
     )
-    full = prompt + list(reply.token_ids[:-1])
+    full = prompt + list(reply.completions[0].token_ids[:-1])
     loaded = load_model("dummy:tiny", dtype=torch.float32)  # same seed, same weights as the server's
     tables = scattered_block_tables([len(full)], 16)
     meta = AttentionMetadata.build(
         block_tables=tables, seq_lens=[len(full)], query_lens=[len(full)], block_size=16, attention_requests={0: [0, 1]}
     )
     with torch.inference_mode():
-        loaded.model(torch.tensor(full), meta.positions, new_cache(loaded.model, tables, 16), meta)
-    rows = {(r.layer, r.position): r for r in reply.attention}
+        cache = new_cache(loaded.model, tables, 16)
+        loaded.model(torch.tensor(full), meta.positions, cache, meta)
+        weights = {layer: loaded.model.attention_weights(meta, cache, seq=0, layer=layer)[1] for layer in (0, 1)}
+    rows = {(r.layer, r.position): r for r in reply.completions[0].attention}
     assert set(rows) == {(layer, p) for layer in (0, 1) for p in range(len(full))}
     for (layer, position), row in rows.items():
-        got = torch.tensor(list(row.weights)).view(row.num_heads, row.context_len)
+        got = torch.tensor(row_weights(row))
+        assert row.dtype == pb.WEIGHTS_DTYPE_FLOAT16 and len(row.weights) == 2 * row.num_heads * row.context_len
         assert row.num_heads == loaded.config.num_heads and row.context_len == position + 1
-        expected = meta.captured_attention[(0, layer)][:, position, : position + 1]
-        assert (got - expected).abs().max().item() <= 1e-5
+        expected = weights[layer][:, position, : position + 1]
+        assert (got - expected).abs().max().item() <= 1e-3  # float16 on the wire
 
 
 def test_requests_without_attention_get_the_same_tokens_in_a_mixed_batch(client: Client) -> None:
     prompts = [f"mixed batch {i} " * (i + 1) for i in range(8)]
-    base = [list(client.generate(p, max_tokens=16, ignore_eos=True, **GREEDY).token_ids) for p in prompts]
+    base = [
+        list(client.generate(p, max_tokens=16, ignore_eos=True, **GREEDY).completions[0].token_ids) for p in prompts
+    ]
 
     def run(i: int) -> tuple[list[int], int]:
         extra = dict(attention_layers=[-1]) if i % 2 else {}
-        reply = client.generate(prompts[i], max_tokens=16, ignore_eos=True, **GREEDY, **extra)
+        reply = client.generate(prompts[i], max_tokens=16, ignore_eos=True, **GREEDY, **extra).completions[0]
         return list(reply.token_ids), len(reply.attention)
 
     with ThreadPoolExecutor(8) as pool:
@@ -146,12 +162,12 @@ def test_requests_without_attention_get_the_same_tokens_in_a_mixed_batch(client:
 
 
 def test_logprobs_and_stop_strings(client: Client) -> None:
-    reply = client.generate("logprobs", max_tokens=6, ignore_eos=True, logprobs=3, **GREEDY)
+    reply = client.generate("logprobs", max_tokens=6, ignore_eos=True, logprobs=3, **GREEDY).completions[0]
     assert len(reply.logprobs) == 6
     assert all(lp.top[0].token_id == lp.token_id and len(lp.top) == 3 for lp in reply.logprobs)
-    text = client.generate("stop strings", max_tokens=40, ignore_eos=True, **GREEDY).text
+    text = client.generate("stop strings", max_tokens=40, ignore_eos=True, **GREEDY).completions[0].text
     stop = text[5:8]
-    cut = client.generate("stop strings", max_tokens=40, ignore_eos=True, stop=[stop], **GREEDY)
+    cut = client.generate("stop strings", max_tokens=40, ignore_eos=True, stop=[stop], **GREEDY).completions[0]
     assert cut.text == text[: text.index(stop)] and cut.stop_sequence == stop
     assert cut.finish_reason == pb.FINISH_REASON_STOP
 
@@ -159,7 +175,7 @@ def test_logprobs_and_stop_strings(client: Client) -> None:
 def test_seeded_sampling_reproduces(client: Client) -> None:
     a = client.generate("seeded", max_tokens=20, ignore_eos=True, temperature=0.9, top_p=0.9, seed=7)
     b = client.generate("seeded", max_tokens=20, ignore_eos=True, temperature=0.9, top_p=0.9, seed=7)
-    assert list(a.token_ids) == list(b.token_ids)
+    assert list(a.completions[0].token_ids) == list(b.completions[0].token_ids)
 
 
 def test_tokenize_and_model_info(client: Client) -> None:
@@ -202,7 +218,7 @@ def test_metrics_move_by_the_expected_amounts(client: Client, tiny_server: Serve
     assert delta["itl_count"] == 3 * 4 + 1  # one gap between each pair of consecutive tokens
     assert delta["invalid"] == 1
     assert delta["attention"] == 1
-    assert delta["attention_bytes"] == 4 * 4 + 4 * 5  # fp32 mean rows at positions 3 and 4 (context 4 and 5)
+    assert delta["attention_bytes"] == 2 * 4 + 2 * 5  # float16 mean rows at positions 3 and 4 (context 4 and 5)
     text = tiny_server.metrics_text()
     for name in (
         "attnserve_num_requests_waiting",
@@ -234,10 +250,10 @@ def test_grpcurl_lists_by_reflection_and_streams_json(tiny_server: ServerProcess
     listed = subprocess.run(
         [grpcurl, "-plaintext", tiny_server.target, "list"], capture_output=True, text=True, timeout=30
     )
-    assert "attnserve.v1.Generator" in listed.stdout and "grpc.health.v1.Health" in listed.stdout
+    assert "attnserve.v1.GeneratorService" in listed.stdout and "grpc.health.v1.Health" in listed.stdout
     body = '{"prompt": "hi", "sampling": {"temperature": 0}, "stopping": {"max_tokens": 3, "ignore_eos": true}}'
     called = subprocess.run(
-        [grpcurl, "-plaintext", "-d", body, tiny_server.target, "attnserve.v1.Generator/GenerateStream"],
+        [grpcurl, "-plaintext", "-d", body, tiny_server.target, "attnserve.v1.GeneratorService/GenerateStream"],
         capture_output=True,
         text=True,
         timeout=30,
@@ -381,7 +397,7 @@ def test_async_client(tiny_server: ServerProcess) -> None:
                 async for chunk in c.generate_stream("async", max_tokens=8, ignore_eos=True, temperature=0)
                 for t in chunk.token_ids
             ]
-            assert streamed == list(whole.token_ids)
+            assert streamed == list(whole.completions[0].token_ids)
             assert (await c.model_info()).name == "tiny"
             assert len((await c.tokenize("abc")).token_ids) == 3
             with pytest.raises(InvalidArgumentError, match=r"sampling\.top_p"):

@@ -44,7 +44,7 @@ def test_text_prompt_gets_the_bos_in_tokenize_and_generate(bos_server: ServerPro
         same = client.generate(token_ids=ids, max_tokens=4, ignore_eos=True, temperature=0)
     assert ids[0] == BOS and len(ids) == 1 + len("hello there")
     assert reply.usage.prompt_tokens == len(ids)
-    assert list(reply.token_ids) == list(same.token_ids)
+    assert list(reply.completions[0].token_ids) == list(same.completions[0].token_ids)
 
 
 def test_chat_prompt_is_the_same_in_tokenize_and_generate(bos_server: ServerProcess) -> None:
@@ -55,4 +55,4 @@ def test_chat_prompt_is_the_same_in_tokenize_and_generate(bos_server: ServerProc
         same = client.generate(token_ids=ids, max_tokens=4, ignore_eos=True, temperature=0)
     assert BOS not in ids, "the chat template writes its own special tokens: nothing is added"
     assert reply.usage.prompt_tokens == len(ids)
-    assert list(reply.token_ids) == list(same.token_ids)
+    assert list(reply.completions[0].token_ids) == list(same.completions[0].token_ids)

@@ -14,10 +14,12 @@ HTTP_LIBRARIES = ("fastapi", "starlette", "uvicorn", "aiohttp", "httpx", "sse_st
 GRPC = ("grpc", "grpc_health", "grpc_reflection", "attnserve.v1")
 
 
-def imported_modules(path: Path) -> set[str]:
-    """Every module a file imports, by its full dotted name (``from a.b import c`` gives a.b and a.b.c)."""
+def imported_modules(path: Path, *, module_level_only: bool = False) -> set[str]:
+    """Every module a file imports, by its full dotted name (``from a.b import c`` gives a.b and a.b.c).
+    ``module_level_only`` skips imports inside functions (optional dependencies, imported lazily)."""
     names: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+    tree = ast.parse(path.read_text(), filename=str(path))
+    for node in tree.body if module_level_only else ast.walk(tree):
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
@@ -82,7 +84,9 @@ def test_server_help_and_config_do_not_load_torch() -> None:
 
 @pytest.mark.parametrize("path", sources("client"), ids=lambda p: str(p.relative_to(REPO)))
 def test_client_installs_without_torch(path: Path) -> None:
-    assert not offending(path, ("torch", "numpy", "attnserve.model", "attnserve.server"))
+    assert not offending(path, ("torch", "attnserve.model", "attnserve.server"))
+    optional = {m for m in imported_modules(path, module_level_only=True) if m.split(".")[0] in ("numpy", "matplotlib")}
+    assert not optional, "numpy and matplotlib are optional for the client: import them where they are used"
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,7 @@ from attnserve.server.engine.block_manager import BlockManager
 from attnserve.server.engine.config import SchedulerConfig
 from attnserve.server.engine.errors import QueueFullError
 from attnserve.server.engine.records import RunnerOutput, SchedulerOutput
-from attnserve.server.engine.request import FinishReason, Request, RequestStatus, SamplingParams
+from attnserve.server.engine.request import AttentionOptions, FinishReason, Request, RequestStatus, SamplingParams
 from attnserve.server.engine.scheduler import Scheduler
 
 
@@ -39,8 +39,9 @@ def make(
     return Scheduler(config, bm, clock=FakeClock())
 
 
-def add(s: Scheduler, rid: str, n: int, max_tokens: int = 100, **kw: object) -> Request:
-    r = Request(rid, [10 + i for i in range(n)], SamplingParams(max_tokens=max_tokens, **kw), 0.0, eos_token_ids=(2,))
+def add(s: Scheduler, rid: str, n: int, max_tokens: int = 100, priority: int = 0, **kw: object) -> Request:
+    params = SamplingParams(max_tokens=max_tokens, **kw)  # type: ignore[arg-type]
+    r = Request(rid, [10 + i for i in range(n)], params, 0.0, eos_token_ids=(2,), priority=priority)
     s.add_request(r)
     return r
 
@@ -225,3 +226,100 @@ def test_duplicate_request_id_rejected() -> None:
     add(s, "a", 3)
     with pytest.raises(ValueError, match="already in use"):
         add(s, "a", 3)
+
+
+def test_priority_orders_admission_and_fcfs_within_a_priority() -> None:
+    s = make(max_seqs=2)
+    add(s, "low", 4, priority=5)
+    add(s, "first", 4)
+    add(s, "second", 4)
+    plan = s.schedule()
+    assert [i.request_id for i in plan.requests] == ["first", "second"]
+    assert [r.request_id for r in s.waiting] == ["low"]
+
+
+def test_a_better_priority_preempts_the_worst_running_request_when_there_is_no_room() -> None:
+    s = make(max_seqs=2)
+    add(s, "a", 4, priority=1)
+    b = add(s, "b", 4, priority=2)
+    run(s, s.schedule())
+    add(s, "urgent", 4, priority=0)
+    plan = s.schedule()
+    assert plan.preempted_ids == ["b"] and b.status is RequestStatus.PREEMPTED
+    assert sorted(i.request_id for i in plan.requests) == ["a", "urgent"]
+    add(s, "equal", 4, priority=1)  # not better than the worst running one (a, 1): waits its turn
+    plan = s.schedule()
+    assert not plan.preempted_ids and "equal" not in [i.request_id for i in plan.requests]
+
+
+def test_paused_request_keeps_its_blocks_and_gets_no_tokens() -> None:
+    s = make()
+    a = add(s, "a", 4)
+    add(s, "b", 4)
+    run(s, s.schedule())
+    s.paused.add("a")
+    blocks = list(a.block_table)
+    for _ in range(3):
+        plan = s.schedule()
+        assert [i.request_id for i in plan.requests] == ["b"]
+        run(s, plan)
+    assert a.block_table == blocks and a.num_computed_tokens == 4 and a.output_token_ids == [7]
+    s.paused.discard("a")
+    assert "a" in [i.request_id for i in s.schedule().requests]
+
+
+def test_a_sibling_waits_for_the_shared_prompt_then_reuses_its_blocks() -> None:
+    s = make(block_size=4, budget=8)
+    prompt = [10 + i for i in range(13)]
+    first = Request("x#0", prompt, SamplingParams(max_tokens=4), 0.0)
+    second = Request("x#1", prompt, SamplingParams(max_tokens=4), 0.0, shares_prompt_with="x#0")
+    s.add_request(first)
+    s.add_request(second)
+    add(s, "other", 2)
+    plan = s.schedule()  # the sibling waits; the request behind it is not held up
+    assert [i.request_id for i in plan.requests] == ["x#0"]
+    run(s, plan)
+    plan = s.schedule()
+    assert [i.request_id for i in plan.requests] == ["x#0", "other"]
+    run(s, plan)
+    plan = s.schedule()  # x#0 has computed its prompt: the sibling starts from the cached blocks
+    item = next(i for i in plan.requests if i.request_id == "x#1")
+    assert item.num_computed_tokens == 12 and second.num_cached_tokens == 12
+
+
+def test_prompt_rows_are_chunked_by_the_attention_budget() -> None:
+    config = SchedulerConfig(
+        max_num_batched_tokens=512,
+        max_num_seqs=4,
+        max_num_waiting=4,
+        max_model_len=512,
+        max_attention_scores_per_step=2 * 3 * 40 * 60,
+        num_attention_heads=3,
+    )
+    s = Scheduler(config, BlockManager(64, 16), clock=FakeClock())
+    options = AttentionOptions(layers=(0, 1), include_prompt=True)
+    r = Request("rows", list(range(3, 203)), SamplingParams(max_tokens=2, attention=options), 0.0)
+    s.add_request(r)
+    chunks = []
+    while not r.output_token_ids:
+        plan = s.schedule()
+        item = plan.requests[0]
+        chunks.append((item.num_computed_tokens, len(item.token_ids)))
+        # n queries over (start + n) keys, 2 layers x 3 heads: within the budget (or one query at least)
+        assert (
+            len(item.token_ids) == 1 or len(item.token_ids) * item.seq_len * 6 <= config.max_attention_scores_per_step
+        )
+        run(s, plan)
+    assert chunks[0] == (0, 48) and sum(n for _, n in chunks) == 200 and len(chunks) > 4  # 48 * 48 <= 2400
+
+
+def test_prompt_rows_are_reported_once_even_after_preemption() -> None:
+    s = make(block_size=4, budget=8)
+    r = add(s, "a", 12, attention=AttentionOptions(layers=(0,), include_prompt=True))
+    plan = s.schedule()
+    assert plan.requests[0].report_prompt_from == 0 and plan.requests[0].next_token_id == r.prompt_token_ids[8]
+    run(s, plan)
+    assert r.num_prompt_reported == 8
+    s._preempt(r)  # recompute from scratch: positions 0..7 were already reported
+    plan = s.schedule()
+    assert plan.requests[0].num_computed_tokens == 0 and plan.requests[0].report_prompt_from == 8

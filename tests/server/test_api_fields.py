@@ -1,0 +1,136 @@
+"""The API fields users expect next, through the real gRPC server: n, prompt logprobs, priority,
+Abort and GetServerInfo."""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from attnserve.client import AbortedError, Client, NotFoundError
+from attnserve.model.attention import AttentionMetadata
+from attnserve.model.loader import load_model
+from tests.helpers import new_cache, scattered_block_tables
+from tests.server.server_process import ServerProcess
+
+pytestmark = pytest.mark.slow  # real server processes
+GREEDY = dict(temperature=0.0)
+
+
+def test_greedy_n_2_gives_two_identical_completions(client: Client) -> None:
+    reply = client.generate("two of them", n=2, max_tokens=12, ignore_eos=True, **GREEDY)
+    first, second = reply.completions
+    assert (first.index, second.index) == (0, 1)
+    assert list(first.token_ids) == list(second.token_ids) and first.text == second.text
+    assert reply.usage.completion_tokens == 24 and reply.usage.prompt_tokens == len("two of them")
+
+
+def test_seeded_n_completions_differ_from_each_other_and_reproduce(client: Client) -> None:
+    ask = dict(n=3, max_tokens=16, ignore_eos=True, temperature=1.0, seed=1234)
+    a = [list(c.token_ids) for c in client.generate("seeded n", **ask).completions]
+    b = [list(c.token_ids) for c in client.generate("seeded n", **ask).completions]
+    assert a == b
+    assert len({tuple(tokens) for tokens in a}) == 3
+    alone = client.generate("seeded n", max_tokens=16, ignore_eos=True, temperature=1.0, seed=1234)
+    assert list(alone.completions[0].token_ids) == a[0]  # completion 0 is the request as asked
+
+
+def test_n_completions_stream_with_their_index_and_share_the_prompt_blocks(client: Client) -> None:
+    prompt = [11 + i % 300 for i in range(70)]  # four full blocks of 16 to share
+    messages = list(client.generate_stream(token_ids=prompt, n=3, max_tokens=5, ignore_eos=True, **GREEDY))
+    per_index = {i: [t for m in messages if m.index == i for t in m.token_ids] for i in range(3)}
+    assert all(len(tokens) == 5 for tokens in per_index.values())
+    assert sum(1 for m in messages if m.finish_reason) == 3
+    last = messages[-1]
+    assert last.usage.completion_tokens == 15 and last.usage.cached_tokens == 64
+
+
+def test_prompt_logprobs_score_every_prompt_token_after_the_first(client: Client) -> None:
+    prompt = [5, 77, 120, 33, 250, 9, 64, 101, 17, 3, 200, 45, 12, 6, 99, 150, 2, 80, 81, 82]
+    reply = client.generate(token_ids=prompt, max_tokens=1, prompt_logprobs=2, **GREEDY)
+    scored = reply.prompt_logprobs
+    assert [lp.token_id for lp in scored] == prompt[1:]
+    loaded = load_model("dummy:tiny", dtype=torch.float32)  # the server's weights (same seed)
+    tables = scattered_block_tables([len(prompt)], 16)
+    meta = AttentionMetadata.build(block_tables=tables, seq_lens=[len(prompt)], query_lens=[len(prompt)], block_size=16)
+    with torch.inference_mode():
+        logits = loaded.model(torch.tensor(prompt), meta.positions, new_cache(loaded.model, tables, 16), meta)
+    expected = logits.log_softmax(-1)
+    for position, lp in enumerate(scored, start=1):
+        assert math.isclose(lp.logprob, expected[position - 1, prompt[position]].item(), abs_tol=1e-4)
+        assert len(lp.top) == 2 and lp.top[0].logprob >= lp.top[1].logprob
+        assert lp.top[0].token_id == expected[position - 1].argmax().item()
+    streamed = [
+        lp
+        for m in client.generate_stream(token_ids=prompt, max_tokens=1, prompt_logprobs=0)
+        for lp in m.prompt_logprobs
+    ]
+    assert [lp.token_id for lp in streamed] == prompt[1:]
+
+
+def test_abort_ends_a_request_in_flight_with_aborted(client: Client, tiny_server: ServerProcess) -> None:
+    stream = client.generate_stream("abort me", request_id="abort-me", max_tokens=900, ignore_eos=True)
+    next(stream)
+    with Client(tiny_server.target, timeout=30) as other:
+        other.abort("abort-me")
+        with pytest.raises(NotFoundError, match="no-such-request"):
+            other.abort("no-such-request")
+    with pytest.raises(AbortedError, match="Abort"):
+        for _ in stream:
+            pass
+    deadline = time.monotonic() + 5
+    while tiny_server.metric("attnserve_num_requests_running") != 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert tiny_server.metric("attnserve_kv_cache_usage_perc") == 0
+
+
+def test_server_info_reports_version_limits_load_and_capacity(client: Client) -> None:
+    info = client.server_info()
+    assert info.version and info.model == "tiny"
+    assert info.limits.context_length == 1024 and info.limits.max_num_waiting == 64
+    assert info.limits.max_attention_bytes_per_request == 4 << 20 and info.limits.max_request_bytes == 4 << 20
+    assert info.kv_cache_blocks > 0 and info.kv_cache_bytes == 64 << 20 and info.kv_cache_block_size == 16
+    assert info.default_sampling.temperature == 0.0 and info.default_sampling.max_tokens == 256
+    assert info.load.kv_cache_free_blocks == info.kv_cache_blocks - round(
+        info.load.kv_cache_usage * info.kv_cache_blocks
+    )
+
+
+@pytest.fixture(scope="module")
+def one_at_a_time(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    args = ["--model", "dummy:tiny", "--dtype", "float32", "--kv-cache-memory", "16MiB", "--max-num-seqs", "1"]
+    server = ServerProcess(args).start(tmp_path_factory.mktemp("priority") / "server.log")
+    try:
+        yield server.wait_serving()
+    finally:
+        server.stop()
+
+
+def test_priority_runs_first_and_preempts_a_worse_one(one_at_a_time: ServerProcess) -> None:
+    finished: list[str] = []
+    lock = threading.Lock()
+
+    def run(name: str, priority: int, max_tokens: int) -> None:
+        with Client(one_at_a_time.target, timeout=120) as c:
+            c.generate(name, max_tokens=max_tokens, ignore_eos=True, priority=priority, **GREEDY)
+        with lock:
+            finished.append(name)
+
+    first = threading.Thread(target=run, args=("background", 5, 800))
+    first.start()
+    time.sleep(0.3)  # it runs alone (one sequence at a time)
+    waiting = [threading.Thread(target=run, args=(f"normal-{i}", 0, 300)) for i in range(2)]
+    for t in waiting:
+        t.start()
+        time.sleep(0.05)
+    urgent = threading.Thread(target=run, args=("urgent", -1, 20))
+    urgent.start()
+    for t in [first, *waiting, urgent]:
+        t.join(120)
+    # normal-0 preempted the background request on arrival, urgent preempted normal-0 (FCFS within a priority).
+    assert finished == ["urgent", "normal-0", "normal-1", "background"], finished
+    assert one_at_a_time.metric("attnserve_num_preemptions_total") >= 2

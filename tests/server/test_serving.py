@@ -1,0 +1,87 @@
+"""The door-neutral GenerationService before the engine: refusals cost no templating or tokenizing.
+
+The engine is a stand-in here (only what a refusal may touch), so the test can assert that
+the tokenizer is never reached."""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+
+import pytest
+
+from attnserve.server.api.errors import ErrorKind, ServiceError
+from attnserve.server.api.serving import GenerationService
+from attnserve.server.api.validation import ChatTurn, GenerationRequest
+from attnserve.server.engine.records import EngineInfo
+from attnserve.server.metrics import Metrics
+
+INFO = EngineInfo(
+    model_name="stand-in",
+    architecture="llama",
+    context_length=1024,
+    vocab_size=384,
+    max_token_chars=16,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    dtype="float32",
+    device="cpu",
+    kv_cache_blocks=64,
+    kv_cache_block_size=16,
+    kv_cache_bytes=1 << 20,
+    max_num_seqs=4,
+    max_num_waiting=4,
+    max_num_batched_tokens=64,
+    max_stream_backlog_bytes=1 << 20,
+)
+
+
+class NoTokenizing:
+    def encode(self, *args: object, **kwargs: object) -> list[int]:
+        raise AssertionError("the tokenizer was called for a request that had to be refused first")
+
+    apply_chat_template = encode
+
+
+def service_over(waiting_room: int) -> GenerationService:
+    engine = SimpleNamespace(info=lambda: INFO, waiting_room=lambda: waiting_room, tokenizer=NoTokenizing())
+    service = GenerationService(Metrics())
+    service.attach(engine)  # type: ignore[arg-type]
+    return service
+
+
+def refusal(service: GenerationService, request: GenerationRequest) -> ServiceError:
+    async def consume() -> None:
+        async for _ in service.generate(request, timeout_s=None, whole_response=False):
+            pass
+
+    with pytest.raises(ServiceError) as caught:
+        asyncio.run(consume())
+    return caught.value
+
+
+@pytest.mark.parametrize(
+    "request_",
+    [
+        GenerationRequest(prompt="some words " * 1000),
+        GenerationRequest(messages=[ChatTurn("user", "hi " * 1000)]),
+    ],
+    ids=["prompt", "chat"],
+)
+def test_a_full_queue_refuses_before_any_templating_or_tokenizing(request_: GenerationRequest) -> None:
+    error = refusal(service_over(waiting_room=0), request_)
+    assert error.kind is ErrorKind.RESOURCE_EXHAUSTED and "queue is full" in error.message
+
+
+def test_n_completions_need_n_places_in_the_queue() -> None:
+    error = refusal(service_over(waiting_room=2), GenerationRequest(prompt="x", n=3))
+    assert error.kind is ErrorKind.RESOURCE_EXHAUSTED
+
+
+def test_a_prompt_that_cannot_fit_is_refused_by_its_length_alone() -> None:
+    # 1023 tokens of at most 16 characters each: 16,368 characters at most.
+    error = refusal(service_over(waiting_room=4), GenerationRequest(prompt="y" * 16_369))
+    assert error.kind is ErrorKind.INVALID_ARGUMENT and "cannot fit" in error.message
+    error = refusal(service_over(waiting_room=4), GenerationRequest(messages=[ChatTurn("user", "z" * 4_000_000)]))
+    assert error.kind is ErrorKind.INVALID_ARGUMENT and "messages" in error.message
