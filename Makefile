@@ -15,8 +15,11 @@ CONSTRAINTS  := requirements/constraints.txt
 MODEL_CACHE  ?= .cache/models
 STAMP        := $(VENV)/.installed
 PYTEST_ARGS  ?=
+CHROMIUM     ?= /usr/bin/chromium
+# apt-get as root (CI), else through sudo if it needs no password; nothing is asked on stdin.
+SUDO         := $(if $(filter 0,$(shell id -u)),,sudo -n)
 
-.PHONY: help install proto model generate serve test test-fast lint bench bench-engine llama-server soak image deploy-smoke clean
+.PHONY: help install proto model generate serve browser-deps test test-fast lint bench bench-aiperf bench-engine llama-server soak image deploy-smoke clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -32,7 +35,7 @@ $(STAMP): pyproject.toml client/pyproject.toml $(CONSTRAINTS)
 	$(PIP) install --quiet -c $(CONSTRAINTS) grpcio-tools mypy-protobuf
 	$(MAKE) --no-print-directory proto
 	rm -rf attnserve  # stubs' old home at the top level: it would shadow the installed namespace
-	$(PIP) install --quiet -c $(CONSTRAINTS) -e ./client
+	$(PIP) install --quiet -c $(CONSTRAINTS) -e './client[plot]'  # plot: the CLI's --attention-png heatmap
 	$(PIP) install --quiet --find-links $(TORCH_WHEELS) -c $(CONSTRAINTS) -e '.[test,dev]'
 	touch $(STAMP)
 
@@ -58,7 +61,17 @@ PROMPT ?= What is the capital of France?
 generate: install model  ## generate a reply on the default model, no server: make generate PROMPT="..."
 	$(PY) -m attnserve.model generate "$(PROMPT)"
 
-test: install model  ## install what is missing, then run the suite
+# The explorer's browser test drives Debian's chromium with Playwright (whose own browser download
+# is not used). Installs only what is missing; if chromium cannot be installed the test is skipped
+# and says why (the apt-get log is kept in .venv/apt-chromium.log).
+browser-deps: $(STAMP)  ## headless chromium (apt-get) and playwright, for tests/browser
+	@test -x $(CHROMIUM) || { echo "installing chromium for tests/browser (apt-get)"; \
+	  { $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	    --no-install-recommends chromium fonts-liberation; } >$(VENV)/apt-chromium.log 2>&1 && rm -f $(VENV)/apt-chromium.log \
+	  || echo "could not install chromium (see $(VENV)/apt-chromium.log): tests/browser will be skipped" >&2; }
+	@$(PY) -c "import playwright" 2>/dev/null || $(PIP) install --quiet -c $(CONSTRAINTS) playwright
+
+test: install model browser-deps  ## install what is missing, then run the suite
 	$(PY) -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS)
 
 test-fast: install  ## the inner loop: no server processes, no real model (-m "not slow and not e2e")
@@ -66,6 +79,10 @@ test-fast: install  ## the inner loop: no server processes, no real model (-m "n
 
 bench: install model  ## start each server, sweep C=1..32 over gRPC/HTTP, stop it (attnserve, transformers, llama-server)
 	$(PY) bench/run_bench.py
+
+AIPERF_ARGS ?=
+bench-aiperf: install model  ## AIPerf (third party, own venv in .cache) beside our load generator, HTTP and gRPC, one server
+	$(PY) bench/third_party_load.py $(AIPERF_ARGS)
 
 llama-server:  ## build llama.cpp's llama-server as a benchmark peer (5-6 min; never needed by tests)
 	bash bench/build_llama_server.sh
@@ -84,9 +101,10 @@ image:  ## build the CPU image (attnserve:cpu) with podman or docker
 deploy-smoke: install model  ## build the CPU image offline with podman, run it, call it, drain it (several minutes)
 	bash deploy/smoke.sh
 
-lint: install  ## ruff
+lint: install  ## ruff, and buf lint on the public API
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	cd proto && ../$(VENV)/bin/buf lint
 
 clean:  ## remove the venv and caches (keeps the downloaded model)
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

@@ -151,6 +151,7 @@ def run_attnserve(args: argparse.Namespace, table: dict[str, list[dict]], extras
     port, mport = free_port(), free_port()
     cmd = [sys.executable, "-m", "attnserve.server", "--model", args.model, "--dtype", args.dtype]
     cmd += ["--host", "127.0.0.1", "--port", str(port), "--metrics-host", "127.0.0.1", "--metrics-port", str(mport)]
+    cmd += ["--http-host", "127.0.0.1", "--http-port", str(free_port())]
     proc = start([*cmd, "--max-num-seqs", "64"], args.out / "attnserve.log")
     try:
         wait_http(f"http://127.0.0.1:{mport}/metrics", proc)

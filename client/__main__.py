@@ -3,6 +3,7 @@
 python -m client generate "What is the capital of France?" --chat --stream
 python -m client chat
 python -m client info
+python -m client generate "Hello" --http http://localhost:8080 --stream   # the OpenAI-compatible door
 """
 
 from __future__ import annotations
@@ -13,6 +14,10 @@ import sys
 from pathlib import Path
 
 from attnserve.client.client import DEFAULT_TARGET, AttnserveError, Client
+from attnserve.client.openai_http import cli_generate, cli_info, http_url
+from attnserve.v1 import generate_pb2 as pb
+
+_HTTP_HELP = "call the OpenAI-compatible HTTP door at this base URL, e.g. http://localhost:8080"
 
 
 def _client(args: argparse.Namespace) -> Client:
@@ -34,44 +39,86 @@ def _sampling(args: argparse.Namespace) -> dict:
         seed=args.seed,
         stop=args.stop or (),
         ignore_eos=args.ignore_eos,
+        **({"n": args.n} if getattr(args, "n", None) else {}),
     )
+
+
+def finish_name(reason: int) -> str:
+    """FINISH_REASON_STOP -> 'stop'."""
+    return pb.FinishReason.Name(reason).removeprefix("FINISH_REASON_").lower()
+
+
+def _summary(usage: pb.Usage, timings: pb.Timings, finishes: list[int]) -> str:
+    ttft = f"{timings.time_to_first_token_seconds:.3f}s" if timings.HasField("time_to_first_token_seconds") else "-"
+    names = ", ".join(finish_name(f) for f in finishes)
+    return (
+        f"[{usage.completion_tokens} tokens, finish {names}, ttft {ttft}, total {timings.total_seconds:.3f}s, "
+        f"{usage.prompt_tokens} prompt tokens ({usage.cached_tokens} cached)]"
+    )
+
+
+def _head(text: str) -> str | int:
+    from attnserve.client.heatmap import parse_head
+
+    try:
+        return parse_head(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _reduction(args: argparse.Namespace) -> str:
+    """The lightest ask that draws the heatmap: the server reduces the heads unless each one is drawn."""
+    return "none" if args.attention_grid or isinstance(args.attention_head, int) else args.attention_head
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     kwargs = _sampling(args)
+    if url := http_url(args):
+        return cli_generate(args, url, kwargs)
     if args.attention_png:
-        kwargs.update(attention_layers=[args.attention_layer], head_reduction="mean", include_prompt=True)
+        kwargs.update(attention_layers=[args.attention_layer], head_reduction=_reduction(args), include_prompt=True)
     with _client(args) as client:
         labels: list[str] = []
         if args.attention_png:
             tokenized = client.tokenize(messages=[("user", args.prompt)]) if args.chat else client.tokenize(args.prompt)
             labels = list(tokenized.tokens)
-        rows = []
+        rows: list[pb.AttentionRow] = []
         if args.stream or args.attention_png:
-            final = None
+            finishes, last = [], pb.GenerateStreamResponse()
             for chunk in client.generate_stream(args.prompt, chat=args.chat, **kwargs):
                 print(chunk.text, end="", flush=True)
                 rows.extend(chunk.attention)
                 # One label per generated token: the message's text when it carries exactly one token.
                 labels.extend([chunk.text] if len(chunk.token_ids) == 1 else [""] * len(chunk.token_ids))
-                if chunk.finish_reason:
-                    final = chunk
+                finishes += [chunk.finish_reason] if chunk.finish_reason else []
+                last = chunk
             print()
+            summary = _summary(last.usage, last.timings, finishes)
         else:
-            final = client.generate(args.prompt, chat=args.chat, **kwargs)
-            print(final.text)
-        if final is not None and args.verbose:
-            print(
-                f"[{final.usage.completion_tokens} tokens, finish {final.finish_reason}, "
-                f"ttft {final.timings.time_to_first_token_seconds:.3f}s, total {final.timings.total_seconds:.3f}s]",
-                file=sys.stderr,
-            )
+            reply = client.generate(args.prompt, chat=args.chat, **kwargs)
+            for completion in reply.completions:
+                print(("" if len(reply.completions) == 1 else f"[{completion.index}] ") + completion.text)
+            summary = _summary(reply.usage, reply.timings, [c.finish_reason for c in reply.completions])
+        if args.verbose:
+            print(summary, file=sys.stderr)
         if args.attention_png:
             from attnserve.client.heatmap import render_png
 
             info = client.model_info()
             layer = args.attention_layer % info.num_layers
-            render_png(args.attention_png, rows, labels, layer=layer)
+            try:
+                render_png(
+                    args.attention_png,
+                    rows,
+                    labels,
+                    layer=layer,
+                    head=args.attention_head,
+                    hide_sink=args.attention_hide_sink,
+                    log_scale=args.attention_log,
+                    grid=args.attention_grid,
+                )
+            except ValueError as exc:  # a head index past the model's heads
+                raise SystemExit(f"--attention-head: {exc}") from None
             print(f"attention heatmap written to {args.attention_png}", file=sys.stderr)
     return 0
 
@@ -99,6 +146,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    if url := http_url(args):
+        return cli_info(args, url)
     with _client(args) as client:
         info = client.model_info()
         print(f"health: {client.health()}")
@@ -133,9 +182,26 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--stream", action="store_true", help="print tokens as they arrive")
     gen.add_argument("--attention-png", default=None, help="write a heatmap of attention to this PNG")
     gen.add_argument("--attention-layer", type=int, default=-1, help="layer for --attention-png (default last)")
+    gen.add_argument(
+        "--attention-head", type=_head, default="mean", help="for --attention-png: mean, max or a head index"
+    )
+    gen.add_argument(
+        "--attention-grid", action="store_true", help="for --attention-png: a small map of every head of the layer"
+    )
+    gen.add_argument(
+        "--attention-hide-sink",
+        action="store_true",
+        help="for --attention-png: draw the first token's column (the attention sink) grey, out of the colour scale",
+    )
+    gen.add_argument(
+        "--attention-log", action="store_true", help="for --attention-png: log colour scale (3 decades below the max)"
+    )
+    gen.add_argument("-n", type=int, default=None, help="completions to generate (printed one per line)")
     gen.add_argument("-v", "--verbose", action="store_true", help="print usage and timings to stderr")
     sub.add_parser("chat", parents=[common, sampling], help="interactive streaming chat")
-    sub.add_parser("info", parents=[common], help="model and server information")
+    info = sub.add_parser("info", parents=[common], help="model and server information")
+    for door in (gen, info):  # the OpenAI-compatible door instead of gRPC (or a --target http://...)
+        door.add_argument("--http", default=os.environ.get("ATTNSERVE_HTTP_URL"), metavar="URL", help=_HTTP_HELP)
     args = parser.parse_args(argv)
     try:
         return {"generate": cmd_generate, "chat": cmd_chat, "info": cmd_info}[args.command](args)

@@ -137,21 +137,26 @@ def attnserve_call(target: str, token: str | None) -> Callable[[Prompt], Request
     return call
 
 
-def openai_call(base_url: str, model: str) -> Callable[[Prompt], RequestResult]:
-    """Streaming /v1/completions (llama-server, the transformers baseline, vLLM, ...): one token per event."""
-    url = urllib.parse.urlparse(base_url)
+def openai_call(base_url: str, model: str | None, token: str | None = None) -> Callable[[Prompt], RequestResult]:
+    """Streaming /v1/completions (attnserve's HTTP door, llama-server, the transformers baseline, vLLM, ...).
 
-    def events(prompt: Prompt):
+    A token per event as it arrives; the count is then corrected to the server's usage when it sends one
+    (stream_options.include_usage): an event may carry no text (a UTF-8 character split across tokens)."""
+    url = urllib.parse.urlparse(base_url)
+    headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {token}"} if token else {})
+
+    def events(prompt: Prompt, usage: dict):
         conn = http.client.HTTPConnection(url.hostname, url.port or 80, timeout=600)
         body = {
-            "model": model,
+            **({"model": model} if model else {}),  # none: the server's own (attnserve 404s a wrong name)
             "prompt": prompt.text,
             "max_tokens": prompt.output_len,
             "temperature": 0.0,
             "stream": True,
+            "stream_options": {"include_usage": True},
             "ignore_eos": True,
         }
-        conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+        conn.request("POST", url.path.rstrip("/") + "/v1/completions", json.dumps(body), headers)
         reply = conn.getresponse()
         if reply.status != 200:
             raise RuntimeError(f"HTTP {reply.status}: {reply.read()[:200]!r}")
@@ -163,14 +168,25 @@ def openai_call(base_url: str, model: str) -> Callable[[Prompt], RequestResult]:
                 data = line[5:].strip()
                 if data == "[DONE]":
                     break
-                choice = json.loads(data)["choices"][0]
-                text = choice.get("text", "")
-                if text or choice.get("finish_reason") is None:
-                    yield 1, text
+                event = json.loads(data)
+                if "error" in event:
+                    raise RuntimeError(f"error event: {event['error']}")
+                usage.update(event.get("usage") or {})
+                for choice in event.get("choices") or ():  # the usage event has none
+                    text = choice.get("text", "")
+                    if text or choice.get("finish_reason") is None:
+                        yield 1, text
         finally:
             conn.close()
 
-    return lambda prompt: _timed(lambda: events(prompt))
+    def call(prompt: Prompt) -> RequestResult:
+        usage: dict = {}
+        result = _timed(lambda: events(prompt, usage))
+        if result.ok and "completion_tokens" in usage:
+            result.output_tokens = usage["completion_tokens"]
+        return result
+
+    return call
 
 
 def _timed(stream: Callable[[], object]) -> RequestResult:
@@ -343,8 +359,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m client.bench", description=__doc__.splitlines()[0])
     p.add_argument("--backend", choices=["attnserve", "openai"], default="attnserve")
     p.add_argument("--target", default="localhost:50051", help="host:port (attnserve) or http://host:port")
-    p.add_argument("--model", default="default", help="model name sent to OpenAI-compatible servers")
-    p.add_argument("--token", default=None, help="bearer token (attnserve)")
+    p.add_argument("--model", default=None, help="model name sent to OpenAI-compatible servers (default: none)")
+    p.add_argument("--token", default=None, help="bearer token (both backends)")
     p.add_argument("--label", default=None, help="name in the report (default: the backend)")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
     p.add_argument("--rate", type=float, default=None, help="open loop: Poisson arrivals per second")
@@ -367,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
     label = a.label or a.backend
-    call = attnserve_call(a.target, a.token) if a.backend == "attnserve" else openai_call(a.target, a.model)
+    call = attnserve_call(a.target, a.token) if a.backend == "attnserve" else openai_call(a.target, a.model, a.token)
     if a.backend == "attnserve":
         _wait_serving(a.target, a.token)
     call(Prompt("warm up", 4))  # the first call pays for connection set-up

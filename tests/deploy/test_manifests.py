@@ -62,12 +62,12 @@ SERVICE_MONITOR_SCHEMA = {
 }
 
 
-def render(overlay: str) -> list[dict]:
+def render(overlay: str, folder: Path = K8S / "overlays") -> list[dict]:
     kubectl = shutil.which("kubectl")
     if kubectl is None:
         pytest.skip("kubectl (with built-in kustomize) is not installed")
     out = subprocess.run(
-        [kubectl, "kustomize", str(K8S / "overlays" / overlay)], capture_output=True, text=True, check=True, timeout=60
+        [kubectl, "kustomize", str(folder / overlay)], capture_output=True, text=True, check=True, timeout=60
     ).stdout
     return [doc for doc in yaml.safe_load_all(out) if doc]
 
@@ -213,3 +213,235 @@ def test_grafana_dashboard_uses_exported_metrics() -> None:
     for expr in exprs:
         for name in re.findall(r"attnserve_[a-z0-9_]+", expr):
             assert name in exported, f"dashboard uses {name}, which the server does not export"
+
+
+# ------------------------------------------------------------------ the inference gateway (deploy/k8s/gateway)
+_NAME = {"type": "string", "minLength": 1, "maxLength": 253}
+_GROUP = {
+    "type": "string",
+    "maxLength": 253,
+    "pattern": r"^$|^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$",
+}
+_KIND = {"type": "string", "minLength": 1, "maxLength": 63, "pattern": "^[a-zA-Z]([-a-zA-Z0-9]*[a-zA-Z0-9])?$"}
+_PORT = {"type": "integer", "minimum": 1, "maximum": 65535}
+_PORT_OBJECT = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["number"],
+    "properties": {"number": _PORT},
+}
+# The Gateway API Inference Extension's InferencePool has no bundled schema either: this is the spec of
+# its CRD (inference.networking.k8s.io/v1, as released in v1.6.0), strict, its CEL rule written as anyOf.
+INFERENCE_POOL_SCHEMA = {
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "additionalProperties": False,
+    "properties": {
+        "apiVersion": {"const": "inference.networking.k8s.io/v1"},
+        "kind": {"const": "InferencePool"},
+        "metadata": {"type": "object", "required": ["name"]},
+        "spec": {
+            "type": "object",
+            "required": ["selector", "targetPorts"],
+            "additionalProperties": False,
+            "properties": {
+                "appProtocol": {"enum": ["http", "kubernetes.io/h2c"]},
+                "selector": {
+                    "type": "object",
+                    "required": ["matchLabels"],
+                    "additionalProperties": False,
+                    "properties": {
+                        "matchLabels": {
+                            "type": "object",
+                            "minProperties": 1,
+                            "maxProperties": 64,
+                            "additionalProperties": {
+                                "type": "string",
+                                "maxLength": 63,
+                                "pattern": "^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$",
+                            },
+                        }
+                    },
+                },
+                "targetPorts": {"type": "array", "minItems": 1, "maxItems": 8, "items": _PORT_OBJECT},
+                "endpointPickerRef": {
+                    "type": "object",
+                    "required": ["name"],
+                    "additionalProperties": False,
+                    "properties": {
+                        "group": _GROUP,
+                        "kind": _KIND,
+                        "name": _NAME,
+                        "port": _PORT_OBJECT,
+                        "failureMode": {"enum": ["FailOpen", "FailClose"]},
+                    },
+                    # CEL: self.kind != 'Service' || has(self.port), kind defaulting to Service
+                    "anyOf": [
+                        {"required": ["port"]},
+                        {"required": ["kind"], "properties": {"kind": {"not": {"const": "Service"}}}},
+                    ],
+                },
+            },
+        },
+    },
+}
+# gateway.networking.k8s.io/v1 HTTPRoute: the part we use, strict (the Gateway API CRDs are not bundled).
+_REF = {"group": _GROUP, "kind": _KIND, "name": _NAME, "namespace": {"type": "string"}}
+HTTP_ROUTE_SCHEMA = {
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "additionalProperties": False,
+    "properties": {
+        "apiVersion": {"const": "gateway.networking.k8s.io/v1"},
+        "kind": {"const": "HTTPRoute"},
+        "metadata": {"type": "object", "required": ["name"]},
+        "spec": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "parentRefs": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "required": ["name"],
+                        "additionalProperties": False,
+                        "properties": _REF,
+                    },
+                },
+                "hostnames": {"type": "array", "items": {"type": "string"}},
+                "rules": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "properties": {
+                            "matches": {
+                                "type": "array",
+                                "items": {
+                                    "type": "object",
+                                    "additionalProperties": False,
+                                    "properties": {
+                                        "path": {
+                                            "type": "object",
+                                            "additionalProperties": False,
+                                            "properties": {
+                                                "type": {"enum": ["Exact", "PathPrefix", "RegularExpression"]},
+                                                "value": {"type": "string", "pattern": "^/"},
+                                            },
+                                        }
+                                    },
+                                },
+                            },
+                            "backendRefs": {
+                                "type": "array",
+                                "items": {
+                                    "type": "object",
+                                    "required": ["name"],
+                                    "additionalProperties": False,
+                                    "properties": {**_REF, "port": _PORT, "weight": {"type": "integer", "minimum": 0}},
+                                },
+                            },
+                            "timeouts": {
+                                "type": "object",
+                                "additionalProperties": False,
+                                "properties": {
+                                    "request": {"type": "string", "pattern": "^([0-9]{1,5}(h|m|s|ms)){1,4}$"},
+                                    "backendRequest": {"type": "string", "pattern": "^([0-9]{1,5}(h|m|s|ms)){1,4}$"},
+                                },
+                            },
+                        },
+                    },
+                },
+            },
+        },
+    },
+}
+CRD_SCHEMAS = {
+    "ServiceMonitor": SERVICE_MONITOR_SCHEMA,
+    "InferencePool": INFERENCE_POOL_SCHEMA,
+    "HTTPRoute": HTTP_ROUTE_SCHEMA,
+}
+# What the endpoint picker's default engine ("vllm") reads (its core-metrics-extractor defaults).
+EPP_VLLM_GAUGES = ("vllm:num_requests_waiting", "vllm:num_requests_running", "vllm:kv_cache_usage_perc")
+
+
+def render_gateway() -> list[dict]:
+    return render("gateway", folder=K8S)
+
+
+def test_gateway_objects_validate_strictly() -> None:
+    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    import jsonschema
+
+    objects = render_gateway()
+    kinds = {o["kind"] for o in objects}
+    assert {"InferencePool", "HTTPRoute", "Deployment", "ServiceMonitor"} <= kinds
+    for obj in objects:
+        if obj["kind"] in CRD_SCHEMAS:
+            jsonschema.validate(obj, CRD_SCHEMAS[obj["kind"]])
+        else:
+            kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
+
+
+def test_inference_pool_schema_rejects_what_the_crd_rejects() -> None:
+    import copy
+
+    import jsonschema
+
+    pool = by_kind(render_gateway(), "InferencePool")
+    jsonschema.validate(pool, INFERENCE_POOL_SCHEMA)
+    broken = []
+    for path, value in (
+        (("spec", "targetPortNumber"), 8080),  # v1alpha2's field, gone in v1
+        (("spec", "endpointPickerRef", "failureMode"), "FailSometimes"),
+        (("spec", "targetPorts"), []),
+        (("spec", "selector", "matchLabels"), {}),
+        (("spec", "appProtocol"), "grpc"),
+    ):
+        changed = copy.deepcopy(pool)
+        *parents, leaf = path
+        node = changed
+        for key in parents:
+            node = node[key]
+        node[leaf] = value
+        broken.append(changed)
+    no_port = copy.deepcopy(pool)
+    del no_port["spec"]["endpointPickerRef"]["port"]  # a Service reference needs its port
+    for obj in [*broken, no_port]:
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(obj, INFERENCE_POOL_SCHEMA)
+
+
+def test_gateway_pool_agrees_with_the_server() -> None:
+    objects = render_gateway()
+    pool = by_kind(objects, "InferencePool")["spec"]
+    deployment = by_kind(objects, "Deployment")
+    pod = deployment["spec"]["template"]
+    container = next(c for c in pod["spec"]["containers"] if c["name"] == "attnserve")
+    config_map = next(
+        o for o in objects if o["kind"] == "ConfigMap" and o["metadata"]["name"].startswith("attnserve-config")
+    )
+    env = config_map["data"]
+    assert set(env) <= flag_env_names(), f"unknown settings: {set(env) - flag_env_names()}"
+    config = parse_config([], environ=env)
+
+    # The pool routes to the HTTP door of the pods it selects, which the Deployment exposes.
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert [p["number"] for p in pool["targetPorts"]] == [config.http_port] == [ports["http"]]
+    assert config.http_host == "0.0.0.0"
+    assert pool["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    assert pool["selector"]["matchLabels"].items() <= deployment["spec"]["selector"]["matchLabels"].items()
+    assert pool["endpointPickerRef"]["port"]["number"] == 9002  # the EPP chart's gRPC ext-proc port
+
+    # The picker's default engine reads vLLM's gauge names: the server exports them with the flag.
+    assert config.vllm_metric_names and pod["metadata"]["labels"]["inference.networking.k8s.io/engine-type"] == "vllm"
+    exported = {m.name for m in Metrics(vllm_names=True).registry.collect()}
+    assert set(EPP_VLLM_GAUGES) <= exported
+    assert not set(EPP_VLLM_GAUGES) & {m.name for m in Metrics().registry.collect()}  # only with the flag
+
+    # The route sends the OpenAI paths to this pool.
+    (rule,) = by_kind(objects, "HTTPRoute")["spec"]["rules"]
+    (backend,) = rule["backendRefs"]
+    assert (backend["group"], backend["kind"]) == ("inference.networking.k8s.io", "InferencePool")
+    assert backend["name"] == by_kind(objects, "InferencePool")["metadata"]["name"]
+    assert rule["matches"][0]["path"] == {"type": "PathPrefix", "value": "/v1/"}

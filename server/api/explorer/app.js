@@ -1,0 +1,596 @@
+// attnserve attention explorer: plain JavaScript, no dependencies, no build step.
+// It asks the server for the attention of the one layer it shows (all heads of it, so the head
+// selector and the grid need no second request); switching layer replays the sequence as token
+// ids for the new layer only, so a long conversation stays light.
+"use strict";
+
+(() => {
+  const $ = (id) => document.getElementById(id);
+  const DECADES = 3; // the log scale spans three decades below the largest weight shown
+  const MAX_HEATMAP_PX = 560;
+  const VIRIDIS = ["#440154", "#482475", "#414487", "#355f8d", "#2a788e", "#21918c", "#22a884", "#44bf70",
+    "#7ad151", "#bddf26", "#fde725"];
+  const LUT = buildLut(VIRIDIS, 256);
+  const FUTURE = [238, 238, 234]; // keys after the query: the causal mask, never attended to
+  const SINK = [170, 170, 170]; // the first-token column while it is left out of the scale
+  const SPECIAL = /^(<\|[^|]*\|>|<\/?s>|<unk>|<pad>)$/;
+
+  const state = {
+    model: null,
+    mode: "chat",
+    messages: [], // the conversation so far (chat mode)
+    tokens: [], // {text, prompt, special}
+    promptIds: [],
+    promptLen: 0,
+    genIds: null, // the generated tokens' ids, recovered by re-tokenizing when a layer is replayed
+    specialsPrefix: null,
+    layers: new Map(), // layer -> rows by query position: {heads, ctx, w: Float32Array(heads * ctx)}
+    layer: 0,
+    head: "mean",
+    hideSink: true,
+    logScale: false,
+    bytes: 0, // weights of the sequence shown (reset with each new prompt)
+    rowsReceived: 0,
+    totalBytes: 0, // since the page loaded
+    dtypes: new Set(),
+    hover: null,
+    pinned: null,
+    busy: false,
+    abort: null,
+    frame: 0,
+  };
+  // For the browser test and for the curious, at the console: the state and the colour scale.
+  window.explorer = state;
+  state.palette = { lut: LUT, future: FUTURE, sink: SINK, decades: DECADES };
+
+  // ------------------------------------------------------------------ colours
+  function hexRgb(hex) {
+    return [1, 3, 5].map((i) => parseInt(hex.slice(i, i + 2), 16));
+  }
+
+  function buildLut(stops, size) {
+    const rgb = stops.map(hexRgb);
+    const lut = [];
+    for (let i = 0; i < size; i++) {
+      const x = (i / (size - 1)) * (rgb.length - 1);
+      const j = Math.min(Math.floor(x), rgb.length - 2);
+      const f = x - j;
+      lut.push(rgb[j].map((c, k) => Math.round(c + f * (rgb[j + 1][k] - c))));
+    }
+    return lut;
+  }
+
+  // A weight as a 0..1 position on the colour scale (linear, or log over DECADES below vmax).
+  function norm(v, vmax) {
+    let x = v / vmax;
+    if (state.logScale) x = (Math.log10(Math.max(v, 1e-30)) - Math.log10(vmax)) / DECADES + 1;
+    return Math.min(1, Math.max(0, x));
+  }
+
+  // ------------------------------------------------------------------ server
+  function headers() {
+    const h = { "content-type": "application/json" };
+    const key = $("api-key").value.trim();
+    if (key) h.authorization = `Bearer ${key}`;
+    return h;
+  }
+
+  async function api(path, body) {
+    const init = { headers: headers(), signal: state.abort ? state.abort.signal : undefined };
+    if (body !== undefined) Object.assign(init, { method: "POST", body: JSON.stringify(body) });
+    const res = await fetch(path, init);
+    if (!res.ok) throw new Error(await errorText(res));
+    return res;
+  }
+
+  async function errorText(res) {
+    try {
+      const j = await res.json();
+      return `${res.status}: ${(j.error && j.error.message) || JSON.stringify(j)}`;
+    } catch {
+      return `${res.status} ${res.statusText}`;
+    }
+  }
+
+  async function loadModel() {
+    const list = await (await api("/v1/models")).json();
+    const id = list.data[0].id;
+    const m = await (await api(`/v1/models/${encodeURIComponent(id)}`)).json();
+    state.model = m;
+    state.layer = m.num_layers - 1;
+    $("model-line").textContent =
+      `${m.id} · ${m.architecture} · ${m.num_layers} layers × ${m.num_heads} heads · context ${m.context_length} · ` +
+      `${m.dtype} on ${m.device}`;
+    fillSelectors();
+  }
+
+  // Only the shown layer, every head of it, float16: the lightest ask that still feeds the grid.
+  function attentionAsk(layer) {
+    return { layers: [layer], head_reduction: "none", include_prompt: true, dtype: "float16" };
+  }
+
+  function sampling() {
+    const num = (id) => (($(id).value.trim() === "") ? undefined : Number($(id).value));
+    const body = { max_tokens: num("max-tokens"), temperature: num("temperature"), top_p: num("top-p") };
+    const topK = num("top-k");
+    const seed = num("seed");
+    if (topK) body.top_k = topK;
+    if (seed !== undefined) body.seed = seed;
+    return body;
+  }
+
+  // Reads a server-sent-events body; calls onChoice for every choice of every chunk.
+  async function readEvents(res, onChoice) {
+    const reader = res.body.getReader();
+    const decoder = new TextDecoder();
+    let buffer = "";
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      buffer += decoder.decode(value, { stream: true });
+      let cut;
+      while ((cut = buffer.indexOf("\n\n")) >= 0) {
+        const event = buffer.slice(0, cut);
+        buffer = buffer.slice(cut + 2);
+        for (const line of event.split("\n")) {
+          if (!line.startsWith("data: ") || line === "data: [DONE]") continue;
+          const chunk = JSON.parse(line.slice(6));
+          if (chunk.error) throw new Error(chunk.error.message);
+          for (const choice of chunk.choices || []) onChoice(choice);
+        }
+      }
+      scheduleRender();
+    }
+  }
+
+  // ------------------------------------------------------------------ weights
+  function base64Bytes(text) {
+    const raw = atob(text);
+    const bytes = new Uint8Array(raw.length);
+    for (let i = 0; i < raw.length; i++) bytes[i] = raw.charCodeAt(i);
+    return bytes;
+  }
+
+  function halfToFloat(h) {
+    const sign = h & 0x8000 ? -1 : 1;
+    const exp = (h >> 10) & 0x1f;
+    const frac = h & 0x3ff;
+    if (exp === 0) return sign * 2 ** -14 * (frac / 1024);
+    if (exp === 31) return frac ? NaN : sign * Infinity;
+    return sign * 2 ** (exp - 15) * (1 + frac / 1024);
+  }
+
+  // Little-endian float16 or float32 bytes of shape (num_heads, context_len), as the server sends them.
+  function decodeWeights(bytes, dtype, count) {
+    const view = new DataView(bytes.buffer);
+    const size = dtype === "float32" ? 4 : 2;
+    if (bytes.length !== count * size) throw new Error(`${bytes.length} bytes do not hold ${count} ${dtype} weights`);
+    const out = new Float32Array(count);
+    for (let i = 0; i < count; i++) {
+      out[i] = size === 4 ? view.getFloat32(i * 4, true) : halfToFloat(view.getUint16(i * 2, true));
+    }
+    return out;
+  }
+
+  function storeRow(row) {
+    const bytes = base64Bytes(row.weights);
+    const w = decodeWeights(bytes, row.dtype, row.num_heads * row.context_len);
+    if (!state.layers.has(row.layer)) state.layers.set(row.layer, []);
+    state.layers.get(row.layer)[row.position] = { heads: row.num_heads, ctx: row.context_len, w };
+    state.bytes += bytes.length;
+    state.totalBytes += bytes.length;
+    state.rowsReceived += 1;
+    state.dtypes.add(row.dtype);
+  }
+
+  // Rows 0..n-1 of a layer that have arrived (they arrive in order).
+  function rowCount(layer) {
+    const rows = state.layers.get(layer) || [];
+    let n = 0;
+    while (rows[n]) n++;
+    return n;
+  }
+
+  function cellValue(row, k, head) {
+    if (typeof head === "number") return row.w[head * row.ctx + k];
+    let acc = head === "max" ? -Infinity : 0;
+    for (let h = 0; h < row.heads; h++) {
+      const v = row.w[h * row.ctx + k];
+      acc = head === "max" ? Math.max(acc, v) : acc + v;
+    }
+    return head === "max" ? acc : acc / row.heads;
+  }
+
+  // The (n, n) query x key matrix of one layer and head (mean, max or an index); -1 marks the causal mask.
+  function matrix(layer, head) {
+    const rows = state.layers.get(layer) || [];
+    const n = rowCount(layer);
+    const values = new Float32Array(n * n).fill(-1);
+    let vmax = 0;
+    for (let q = 0; q < n; q++) {
+      const row = rows[q];
+      for (let k = 0; k < Math.min(row.ctx, n); k++) {
+        const v = cellValue(row, k, head);
+        values[q * n + k] = v;
+        if (!(state.hideSink && k === 0)) vmax = Math.max(vmax, v);
+      }
+    }
+    return { n, values, vmax: vmax || 1 };
+  }
+
+  // ------------------------------------------------------------------ drawing
+  function paint(canvas, m, cell) {
+    const { n, values, vmax } = m;
+    canvas.width = n * cell;
+    canvas.height = n * cell;
+    if (!n) return;
+    const image = new ImageData(n, n);
+    for (let i = 0; i < n * n; i++) {
+      const v = values[i];
+      const rgb = v < 0 ? FUTURE : state.hideSink && i % n === 0 ? SINK : LUT[Math.round(norm(v, vmax) * 255)];
+      image.data.set([rgb[0], rgb[1], rgb[2], 255], i * 4);
+    }
+    const small = document.createElement("canvas");
+    small.width = n;
+    small.height = n;
+    small.getContext("2d").putImageData(image, 0, 0);
+    const ctx = canvas.getContext("2d");
+    ctx.imageSmoothingEnabled = false; // one crisp block per weight
+    ctx.drawImage(small, 0, 0, n * cell, n * cell);
+  }
+
+  function renderHeatmap() {
+    const canvas = $("heatmap");
+    const m = matrix(state.layer, state.head);
+    const cell = m.n ? Math.max(1, Math.min(24, Math.floor(MAX_HEATMAP_PX / m.n))) : 1;
+    paint(canvas, m, cell);
+    Object.assign(canvas.dataset, { rows: m.n, cols: m.n, cell, layer: state.layer, head: state.head });
+    const focus = focusRow();
+    if (focus !== null && focus < m.n) {
+      const ctx = canvas.getContext("2d");
+      ctx.strokeStyle = "#e8590c";
+      ctx.lineWidth = 2;
+      ctx.strokeRect(1, focus * cell + 1, (focus + 1) * cell - 2, cell - 2);
+    }
+    renderLabels(m.n, cell, focus);
+    renderScale(m.vmax);
+    return m;
+  }
+
+  // Token texts beside the rows and above the columns, every few cells where the cells are small.
+  function renderLabels(n, cell, focus) {
+    const rows = $("row-labels");
+    const cols = $("col-labels");
+    const size = 84;
+    rows.width = n ? size : 0;
+    rows.height = n * cell;
+    cols.width = n * cell;
+    cols.height = n ? size : 0;
+    const step = Math.ceil(8 / cell);
+    const font = `${Math.max(7, Math.min(11, cell - 1))}px ui-monospace, "DejaVu Sans Mono", monospace`;
+    const r = rows.getContext("2d");
+    const c = cols.getContext("2d");
+    for (const ctx of [r, c]) Object.assign(ctx, { font, textBaseline: "middle" });
+    r.textAlign = "right";
+    for (let i = 0; i < n; i++) {
+      if (i % step && i !== focus) continue;
+      const text = tokenLabel(i);
+      for (const ctx of [r, c]) ctx.fillStyle = i === focus ? "#e8590c" : "#55555a";
+      r.fillText(text, size - 4, i * cell + cell / 2);
+      c.save();
+      c.translate(i * cell + cell / 2, size - 4);
+      c.rotate(-Math.PI / 2);
+      c.fillText(text, 0, 0);
+      c.restore();
+    }
+  }
+
+  function tokenLabel(i) {
+    const t = state.tokens[i];
+    const text = t ? t.text.replace(/\n/g, "↵").replace(/ /g, "·") : "?";
+    return text.length > 11 ? `${text.slice(0, 10)}…` : text;
+  }
+
+  function renderScale(vmax) {
+    const bar = $("colorbar").getContext("2d");
+    LUT.forEach((rgb, i) => {
+      bar.fillStyle = `rgb(${rgb})`;
+      bar.fillRect(i, 0, 1, 12);
+    });
+    const hi = vmax.toPrecision(3);
+    $("scale-lo").textContent = state.logScale ? `${(vmax / 10 ** DECADES).toPrecision(2)} (log)` : "0";
+    $("scale-hi").textContent = state.hideSink ? `${hi} (first-token sink left out, grey)` : hi;
+  }
+
+  function renderHeads() {
+    const box = $("heads");
+    const heads = state.model ? state.model.num_heads : 0;
+    $("heads-layer").textContent = String(state.layer);
+    while (box.children.length < heads) box.appendChild(headFigure(box.children.length));
+    for (let h = 0; h < heads; h++) {
+      const figure = box.children[h];
+      paint(figure.firstChild, matrix(state.layer, h), 1); // each head on its own scale
+      figure.classList.toggle("selected", state.head === h);
+    }
+  }
+
+  function headFigure(h) {
+    const figure = document.createElement("figure");
+    figure.appendChild(document.createElement("canvas"));
+    const caption = document.createElement("figcaption");
+    caption.textContent = `head ${h}`;
+    figure.appendChild(caption);
+    figure.addEventListener("click", () => selectHead(h));
+    return figure;
+  }
+
+  function renderTokens() {
+    const box = $("tokens");
+    while (box.children.length > state.tokens.length) box.lastChild.remove();
+    while (box.children.length < state.tokens.length) box.appendChild(tokenSpan(box.children.length));
+    const focus = focusRow();
+    const rows = state.layers.get(state.layer) || [];
+    const row = focus === null ? null : rows[focus];
+    let vmax = 0;
+    if (row) for (let k = state.hideSink ? 1 : 0; k < row.ctx; k++) vmax = Math.max(vmax, cellValue(row, k, state.head));
+    for (let i = 0; i < box.children.length; i++) {
+      const span = box.children[i];
+      span.classList.toggle("focus", i === state.hover);
+      span.classList.toggle("pinned", i === state.pinned);
+      let shade = "";
+      delete span.dataset.weight;
+      if (row && i < row.ctx) {
+        const v = cellValue(row, i, state.head);
+        span.dataset.weight = v;
+        const sink = state.hideSink && i === 0;
+        shade = sink ? "rgba(150,150,150,0.45)" : `rgba(232,89,12,${(0.9 * norm(v, vmax || 1)).toFixed(3)})`;
+      }
+      span.style.background = shade;
+    }
+  }
+
+  function tokenSpan(i) {
+    const t = state.tokens[i];
+    const span = document.createElement("span");
+    span.className = `tok ${t.prompt ? "prompt" : "gen"}${t.special ? " special" : ""}`;
+    span.textContent = t.special ? t.text : t.text.replace(/\n/g, "↵\n");
+    span.title = `#${i} ${JSON.stringify(t.text)}`;
+    span.addEventListener("mouseenter", () => { state.hover = i; scheduleRender(); });
+    span.addEventListener("mouseleave", () => { state.hover = null; scheduleRender(); });
+    span.addEventListener("click", () => { state.pinned = state.pinned === i ? null : i; scheduleRender(); });
+    return span;
+  }
+
+  function renderBytes() {
+    const fetched = [...state.layers.keys()].sort((a, b) => a - b).join(", ") || "none";
+    const kib = (n) => `${(n / 1024).toFixed(1)} KiB`;
+    $("bytes").textContent =
+      `attention weights received for this text: ${state.bytes.toLocaleString()} bytes (${kib(state.bytes)}) in ` +
+      `${state.rowsReceived} rows${state.dtypes.size ? ` of ${[...state.dtypes].join("/")}` : ""} · ` +
+      `layers fetched: ${fetched} · since the page opened: ${kib(state.totalBytes)}`;
+    $("bytes").dataset.bytes = state.bytes;
+    for (const option of $("layer").options) {
+      option.textContent = `${option.value}${state.layers.has(Number(option.value)) ? " ●" : ""}`;
+    }
+  }
+
+  function focusRow() {
+    return state.pinned !== null ? state.pinned : state.hover;
+  }
+
+  function scheduleRender() {
+    if (state.frame) return;
+    state.frame = requestAnimationFrame(() => {
+      state.frame = 0;
+      renderTokens();
+      renderHeatmap();
+      renderHeads();
+      renderBytes();
+    });
+  }
+
+  // ------------------------------------------------------------------ generation
+  function setState(name, message) {
+    document.body.dataset.state = name;
+    $("status").textContent = message || "";
+  }
+
+  function setBusy(busy) {
+    state.busy = busy;
+    $("send").disabled = busy;
+    $("stop").disabled = !busy;
+    $("layer").disabled = busy;
+    if (!busy) state.abort = null;
+  }
+
+  function isSpecial(text) {
+    return SPECIAL.test(text);
+  }
+
+  function resetSequence(tokenized) {
+    state.tokens = tokenized.tokens.map((text) => ({ text, prompt: true, special: isSpecial(text) }));
+    state.promptIds = tokenized.token_ids;
+    state.promptLen = tokenized.token_ids.length;
+    state.genIds = null;
+    state.layers = new Map();
+    state.bytes = 0;
+    state.rowsReceived = 0;
+    state.hover = null;
+    state.pinned = null;
+    $("tokens").replaceChildren();
+  }
+
+  // One generated token per logprobs entry (its exact text); a chunk without them counts as one token.
+  function onGenerated(choice, mode) {
+    if (choice.attention) choice.attention.forEach(storeRow);
+    const text = mode === "chat" ? (choice.delta && choice.delta.content) || "" : choice.text || "";
+    const lp = choice.logprobs;
+    const entries = lp ? (mode === "chat" ? lp.content || [] : lp.tokens || []) : [];
+    const texts = entries.map((e) => (typeof e === "string" ? e : e.token));
+    if (!texts.length && text) texts.push(text);
+    for (const t of texts) state.tokens.push({ text: t, prompt: false, special: isSpecial(t) });
+    return text;
+  }
+
+  async function send(event) {
+    event.preventDefault();
+    const text = $("prompt").value;
+    if (state.busy || !text.trim()) return;
+    state.abort = new AbortController();
+    setBusy(true);
+    let reply = "";
+    const mode = state.mode;
+    const input = mode === "chat" ? { messages: [...state.messages, { role: "user", content: text }] } : { prompt: text };
+    try {
+      if (!state.model) await loadModel();
+      setState("streaming", "tokenizing…");
+      resetSequence(await (await api("/tokenize", input)).json());
+      setState("streaming", "generating…");
+      const body = { ...input, ...sampling(), stream: true, attention: attentionAsk(state.layer) };
+      Object.assign(body, mode === "chat" ? { logprobs: true, top_logprobs: 0 } : { logprobs: 0 });
+      const path = mode === "chat" ? "/v1/chat/completions" : "/v1/completions";
+      await readEvents(await api(path, body), (choice) => { reply += onGenerated(choice, mode); });
+      setState("done", `${state.tokens.length - state.promptLen} tokens generated`);
+    } catch (e) {
+      if (e.name === "AbortError") setState("done", "stopped");
+      else setState("error", e.message);
+    } finally {
+      if (mode === "chat" && reply) state.messages = [...input.messages, { role: "assistant", content: reply }];
+      setBusy(false);
+      scheduleRender();
+    }
+  }
+
+  // ------------------------------------------------------------------ another layer
+  async function specialsPrefix() {
+    if (state.specialsPrefix === null) {
+      try {
+        state.specialsPrefix = (await (await api("/tokenize", { prompt: "" })).json()).token_ids;
+      } catch {
+        state.specialsPrefix = [];
+      }
+    }
+    return state.specialsPrefix;
+  }
+
+  // The ids of every token but the last (the queries of the rows shown): the prompt's from /tokenize,
+  // the reply's by re-tokenizing its text. Where that splits the reply differently, the page shows
+  // the re-tokenized sequence (and forgets the rows of the old split).
+  async function queryIds() {
+    const gen = state.tokens.slice(state.promptLen, -1);
+    if (!gen.length) return state.promptIds.slice(0, state.tokens.length - 1);
+    if (!state.genIds) {
+      const prefix = await specialsPrefix();
+      const tok = await (await api("/tokenize", { prompt: gen.map((t) => t.text).join("") })).json();
+      const skip = prefix.every((id, i) => tok.token_ids[i] === id) ? prefix.length : 0;
+      const ids = tok.token_ids.slice(skip);
+      const texts = tok.tokens.slice(skip);
+      if (ids.length !== gen.length || texts.some((t, i) => t !== gen[i].text)) {
+        const last = state.tokens[state.tokens.length - 1];
+        state.tokens = [...state.tokens.slice(0, state.promptLen),
+          ...texts.map((t) => ({ text: t, prompt: false, special: isSpecial(t) })), last];
+        state.layers = new Map();
+        $("tokens").replaceChildren();
+      }
+      state.genIds = ids;
+    }
+    return [...state.promptIds, ...state.genIds];
+  }
+
+  async function fetchLayer(layer) {
+    if (state.busy || state.tokens.length < 2 || rowCount(layer) >= state.tokens.length - 1) return;
+    state.abort = new AbortController();
+    setBusy(true);
+    setState("fetching", `fetching layer ${layer}…`);
+    try {
+      const ids = await queryIds();
+      const body = { prompt: ids, max_tokens: 1, temperature: 0, stream: true, attention: attentionAsk(layer) };
+      await readEvents(await api("/v1/completions", body), (choice) => (choice.attention || []).forEach(storeRow));
+      setState("done", `layer ${layer}: ${rowCount(layer)} rows`);
+    } catch (e) {
+      if (e.name === "AbortError") setState("done", "stopped");
+      else setState("error", e.message);
+    } finally {
+      setBusy(false);
+      scheduleRender();
+    }
+  }
+
+  // ------------------------------------------------------------------ controls
+  function fillSelectors() {
+    const m = state.model;
+    $("layer").replaceChildren(...Array.from({ length: m.num_layers }, (_, i) => new Option(String(i), String(i))));
+    $("layer").value = String(state.layer);
+    const heads = [new Option("mean of heads", "mean"), new Option("max of heads", "max")];
+    for (let h = 0; h < m.num_heads; h++) heads.push(new Option(`head ${h}`, String(h)));
+    $("head").replaceChildren(...heads);
+    $("head").value = String(state.head);
+  }
+
+  function selectHead(head) {
+    state.head = head;
+    $("head").value = String(head);
+    scheduleRender();
+  }
+
+  function onHeatmapPointer(event, pin) {
+    const canvas = $("heatmap");
+    const n = Number(canvas.dataset.rows || 0);
+    const box = canvas.getBoundingClientRect();
+    const q = Math.floor(((event.clientY - box.top) / box.height) * n);
+    const k = Math.floor(((event.clientX - box.left) / box.width) * n);
+    if (!(q >= 0 && q < n && k >= 0 && k < n)) return;
+    const row = state.layers.get(state.layer)[q];
+    const label = (i) => JSON.stringify(state.tokens[i] ? state.tokens[i].text : "?");
+    $("cell").textContent = k > q ? `query ${q} ${label(q)} cannot see key ${k} (later token)`
+      : `query ${q} ${label(q)} → key ${k} ${label(k)}: ${cellValue(row, k, state.head).toFixed(4)}` +
+        ` (layer ${state.layer}, head ${state.head})`;
+    if (pin) state.pinned = state.pinned === q ? null : q;
+    else state.hover = q;
+    scheduleRender();
+  }
+
+  function bindControls() {
+    $("prompt-form").addEventListener("submit", send);
+    $("prompt").addEventListener("keydown", (e) => {
+      if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) $("prompt-form").requestSubmit();
+    });
+    $("stop").addEventListener("click", () => state.abort && state.abort.abort());
+    $("new-chat").addEventListener("click", () => {
+      state.messages = [];
+      setState("idle", "new conversation");
+    });
+    for (const radio of document.querySelectorAll('input[name="mode"]')) {
+      radio.addEventListener("change", () => { state.mode = radio.value; state.messages = []; });
+    }
+    $("layer").addEventListener("change", () => {
+      state.layer = Number($("layer").value);
+      scheduleRender();
+      fetchLayer(state.layer);
+    });
+    $("head").addEventListener("change", () => {
+      const v = $("head").value;
+      selectHead(v === "mean" || v === "max" ? v : Number(v));
+    });
+    $("hide-sink").addEventListener("change", () => { state.hideSink = $("hide-sink").checked; scheduleRender(); });
+    $("log-scale").addEventListener("change", () => { state.logScale = $("log-scale").checked; scheduleRender(); });
+    $("heatmap").addEventListener("mousemove", (e) => onHeatmapPointer(e, false));
+    $("heatmap").addEventListener("click", (e) => onHeatmapPointer(e, true));
+    $("heatmap").addEventListener("mouseleave", () => { state.hover = null; scheduleRender(); });
+  }
+
+  async function init() {
+    bindControls();
+    state.hideSink = $("hide-sink").checked;
+    state.logScale = $("log-scale").checked;
+    try {
+      await loadModel();
+      setState("idle", "ready");
+    } catch (e) {
+      setState("error", `cannot read the model (${e.message}); an API key may be needed`);
+    }
+    scheduleRender();
+  }
+
+  init();
+})();

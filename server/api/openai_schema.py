@@ -1,0 +1,153 @@
+"""The OpenAI-compatible request bodies (pydantic), and their translation to the door-neutral
+GenerationRequest. Types are checked here; ranges and limits by server/api/validation.py.
+
+Non-OpenAI options come as extra body fields (the SDK's ``extra_body``): top_k, min_p,
+repetition_penalty, ignore_eos, stop_token_ids, prompt_logprobs, priority, attention and
+return_token_ids.
+Known OpenAI features this server does not implement are refused (400), never ignored.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from attnserve.server.api.validation import AttentionSpec, ChatTurn, FieldError, GenerationRequest
+
+
+class AttentionBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    layers: list[int]
+    head_reduction: Literal["none", "mean", "max"] | None = None
+    include_prompt: bool = False
+    dtype: Literal["float16", "float32"] | None = None
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessageBody(BaseModel):
+    role: str
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(part.text for part in self.content)
+        return self.content or ""
+
+
+class _Common(BaseModel):
+    model_config = ConfigDict(extra="allow")  # other OpenAI fields at their defaults are harmless
+
+    model: str | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    n: int | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logit_bias: dict[str, float] | None = None
+    # Extensions (extra_body).
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    ignore_eos: bool = False
+    stop_token_ids: list[int] | None = None
+    prompt_logprobs: int | None = None
+    priority: int = 0
+    attention: AttentionBody | None = None
+    return_token_ids: bool = False  # vLLM's name: each choice (and chunk) also carries its token_ids
+
+    def unsupported(self) -> list[FieldError]:
+        """OpenAI features asked for that this server does not implement, and options that make no sense."""
+        errors = []
+        if self.stream_options is not None and not self.stream:
+            errors.append(FieldError("stream_options", "...", "is only allowed with stream: true"))
+        for name in ("frequency_penalty", "presence_penalty"):
+            if getattr(self, name):
+                errors.append(FieldError(name, getattr(self, name), "is not supported (use repetition_penalty)"))
+        if self.logit_bias:
+            errors.append(FieldError("logit_bias", "...", "is not supported"))
+        for name in ("tools", "functions", "response_format", "suffix"):
+            if (self.model_extra or {}).get(name) not in (None, [], {}, {"type": "text"}):
+                errors.append(FieldError(name, "...", "is not supported by this server"))
+        return errors
+
+    def common(self, max_tokens: int | None, logprobs: int | None) -> GenerationRequest:
+        a = self.attention
+        return GenerationRequest(
+            model=self.model or "",
+            temperature=self.temperature,
+            top_k=self.top_k,
+            top_p=self.top_p,
+            min_p=self.min_p,
+            repetition_penalty=self.repetition_penalty,
+            seed=self.seed,
+            max_tokens=max_tokens,
+            stop=[self.stop] if isinstance(self.stop, str) else list(self.stop or ()),
+            stop_token_ids=list(self.stop_token_ids or ()),
+            ignore_eos=self.ignore_eos,
+            logprobs=logprobs,
+            prompt_logprobs=self.prompt_logprobs,
+            attention=None if a is None else AttentionSpec(a.layers, a.head_reduction, a.include_prompt, a.dtype),
+            n=self.n,
+            priority=self.priority,
+        )
+
+
+class CompletionBody(_Common):
+    prompt: str | list[int] | list[str] | list[list[int]]
+    logprobs: int | None = Field(default=None, ge=0)
+    echo: bool = False
+    best_of: int | None = None
+
+    def to_request(self) -> GenerationRequest | list[FieldError]:
+        errors = self.unsupported()
+        if self.echo:
+            errors.append(FieldError("echo", True, "is not supported"))
+        if self.best_of not in (None, 1, self.n):
+            errors.append(FieldError("best_of", self.best_of, "is not supported"))
+        prompt = self.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], str | list):
+            if len(prompt) != 1:
+                errors.append(FieldError("prompt", len(prompt), "send one prompt per request (a list of one)"))
+            prompt = prompt[0]
+        if errors:
+            return errors
+        request = self.common(self.max_tokens, self.logprobs)
+        if isinstance(prompt, str):
+            request.prompt = prompt
+        else:
+            request.token_ids = list(prompt)  # type: ignore[arg-type]
+        return request
+
+
+class ChatBody(_Common):
+    messages: list[ChatMessageBody]
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+
+    def to_request(self) -> GenerationRequest | list[FieldError]:
+        errors = self.unsupported()
+        if self.top_logprobs is not None and not self.logprobs:
+            errors.append(FieldError("top_logprobs", self.top_logprobs, "needs logprobs: true"))
+        if errors:
+            return errors
+        max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+        request = self.common(max_tokens, (self.top_logprobs or 0) if self.logprobs else None)
+        request.messages = [ChatTurn("system" if m.role == "developer" else m.role, m.text()) for m in self.messages]
+        return request
