@@ -79,6 +79,10 @@ class AttentionMetadata:
     attention_requests: Mapping[int, frozenset[int]] = field(default_factory=dict)
     attention_rows: Mapping[int, tuple[int, int]] = field(default_factory=dict)
     captured_queries: CapturedQueries = field(default_factory=dict)
+    # A captured (graph) decode step keeps every row's queries of every layer here instead,
+    # (num_layers, B, H, D): a copy inside the graph, no Python per asked row.
+    query_sink: torch.Tensor | None = None
+    input_ids: torch.Tensor | None = None  # (T,) the step's tokens, when build() was given them
     # Per-step derived layouts shared by every layer (the CPU decode pattern).
     _cpu_decode_layouts: dict[tuple[int, int, int], cpu_decode.DecodeLayout] = field(
         default_factory=dict, repr=False, compare=False
@@ -100,11 +104,17 @@ class AttentionMetadata:
         logits_indices: Sequence[int] | None = None,
         attention_requests: Mapping[int, Sequence[int]] | None = None,
         attention_rows: Mapping[int, tuple[int, int]] | None = None,
+        table_rows: torch.Tensor | None = None,
+        token_ids: Sequence[int] | None = None,
     ) -> AttentionMetadata:
         """Derive slots, positions and per-group layouts from block tables (host lists, no device reads).
 
         ``seq_lens[i]`` counts sequence ``i``'s tokens once this step's
         ``query_lens[i]`` new tokens are in the cache; its block table must cover them.
+        ``table_rows`` (num_seqs, width) int32, if given, holds the same block tables as host rows
+        kept from step to step (the runner's): the tables are sliced from it, not rebuilt from lists.
+        ``token_ids``, if given, travel in the same copy (``input_ids``).
+        Everything the device needs goes in one copy (pinned and non-blocking on CUDA).
         """
         _check(block_tables, seq_lens, query_lens, block_size)
         positions: list[int] = []
@@ -112,33 +122,57 @@ class AttentionMetadata:
         query_starts: list[int] = []
         for table, seq_len, query_len in zip(block_tables, seq_lens, query_lens, strict=True):
             query_starts.append(len(positions))
-            positions.extend(range(seq_len - query_len, seq_len))
-            slots.extend(_slots(table, seq_len - query_len, seq_len, block_size))
-
+            if query_len == 1:  # a decode row (most rows of a busy step): one slot, no ranges
+                position = seq_len - 1
+                positions.append(position)
+                slots.append(table[position // block_size] * block_size + position % block_size)
+            else:
+                positions.extend(range(seq_len - query_len, seq_len))
+                slots.extend(_slots(table, seq_len - query_len, seq_len, block_size))
         decode_seqs = [i for i, q in enumerate(query_lens) if q == 1]
         prefill_seqs = [i for i, q in enumerate(query_lens) if q > 1]
-        decode_tables = _padded_tables(block_tables, seq_lens, decode_seqs, block_size, device)
-        prefill_tables = _padded_tables(block_tables, seq_lens, prefill_seqs, block_size, device)
+        upload = _Upload(device)
+        decode_tables = upload.table(block_tables, seq_lens, decode_seqs, block_size, table_rows)
+        prefill_tables = upload.table(block_tables, seq_lens, prefill_seqs, block_size, table_rows)
+        fields = {
+            "slot_mapping": upload.ints(slots),
+            "positions": upload.ints(positions),
+            "decode_rows": upload.ints([query_starts[i] for i in decode_seqs]),
+            "decode_seq_lens": upload.ints([seq_lens[i] for i in decode_seqs], torch.int32),
+            "logits_indices": upload.ints(list(logits_indices or ())),
+            "prefill_query_starts": upload.ints([query_starts[i] for i in prefill_seqs], torch.int32),
+            "prefill_query_lens": upload.ints([query_lens[i] for i in prefill_seqs], torch.int32),
+            "prefill_seq_lens": upload.ints([seq_lens[i] for i in prefill_seqs], torch.int32),
+            "input_ids": upload.ints(list(token_ids or ())),
+        }
+        sent = upload.send()
+        t = {name: sent[index] for name, index in fields.items()}
+        tables = sent[decode_tables], sent[prefill_tables]
         prefills = [
-            PrefillChunk(i, query_starts[i], query_starts[i] + query_lens[i], seq_lens[i], prefill_tables[p])
+            PrefillChunk(i, query_starts[i], query_starts[i] + query_lens[i], seq_lens[i], tables[1][p])
             for p, i in enumerate(prefill_seqs)
         ]
+        has_prefill = bool(prefill_seqs)
         return cls(
-            slot_mapping=_tensor(slots, torch.long, device),
-            positions=_tensor(positions, torch.long, device),
+            slot_mapping=t["slot_mapping"],
+            positions=t["positions"],
             query_lens=list(query_lens),
             seq_lens=list(seq_lens),
             query_starts=query_starts,
             prefills=prefills,
-            decode_rows=_tensor([query_starts[i] for i in decode_seqs], torch.long, device) if decode_seqs else None,
+            decode_rows=t["decode_rows"] if decode_seqs else None,
             decode_seq_indices=decode_seqs,
-            decode_block_tables=decode_tables if decode_seqs else None,
-            decode_seq_lens=_tensor([seq_lens[i] for i in decode_seqs], torch.int32, device) if decode_seqs else None,
-            is_pure_decode=not prefill_seqs,
-            logits_indices=None if logits_indices is None else _tensor(list(logits_indices), torch.long, device),
+            decode_block_tables=tables[0] if decode_seqs else None,
+            decode_seq_lens=t["decode_seq_lens"] if decode_seqs else None,
+            is_pure_decode=not has_prefill,
+            logits_indices=None if logits_indices is None else t["logits_indices"],
+            prefill_block_tables=tables[1] if has_prefill else None,
+            prefill_query_starts=t["prefill_query_starts"] if has_prefill else None,
+            prefill_query_lens=t["prefill_query_lens"] if has_prefill else None,
+            prefill_seq_lens=t["prefill_seq_lens"] if has_prefill else None,
             attention_requests={i: frozenset(layers) for i, layers in (attention_requests or {}).items()},
             attention_rows=dict(attention_rows or {}),
-            **_prefill_arguments(prefill_seqs, prefill_tables, query_starts, query_lens, seq_lens, device),
+            input_ids=None if token_ids is None else t["input_ids"],
         )
 
     def cpu_decode_layout(self, num_heads: int, layer_cache: torch.Tensor) -> cpu_decode.DecodeLayout:
@@ -184,41 +218,51 @@ def _check(
             raise ValueError(f"sequence {i}: {len(table)} blocks of {block_size} cannot hold {seq_len} tokens")
 
 
-def _tensor(values: list[int], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
-    return torch.tensor(values, dtype=dtype).to(device)
+class _Upload:
+    """A step's integer inputs, gathered on the host and sent to the device together.
 
+    On CPU each part is simply a tensor. On CUDA the parts are packed into one pinned int64
+    buffer and sent with one non-blocking copy (not one blocking copy per field), then cut
+    into views of the dtypes the kernels take.
+    """
 
-def _padded_tables(
-    block_tables: Sequence[Sequence[int]],
-    seq_lens: Sequence[int],
-    seqs: list[int],
-    block_size: int,
-    device: torch.device | str,
-) -> torch.Tensor:
-    """(len(seqs), max_blocks) int32: the blocks each sequence's context uses, padded with block 0."""
-    needed = [-(-seq_lens[i] // block_size) for i in seqs]
-    width = max(needed, default=0)
-    rows = [list(block_tables[i][:n]) + [0] * (width - n) for i, n in zip(seqs, needed, strict=True)]
-    return torch.tensor(rows, dtype=torch.int32).view(len(seqs), width).to(device)
+    def __init__(self, device: torch.device | str) -> None:
+        self.device = torch.device(device)
+        self.parts: list[tuple[torch.Tensor, torch.dtype]] = []
 
+    def ints(self, values: list[int], dtype: torch.dtype = torch.long) -> int:
+        self.parts.append((torch.tensor(values, dtype=torch.long), dtype))
+        return len(self.parts) - 1
 
-def _prefill_arguments(
-    seqs: list[int],
-    tables: torch.Tensor,
-    query_starts: list[int],
-    query_lens: Sequence[int],
-    seq_lens: Sequence[int],
-    device: torch.device | str,
-) -> dict[str, torch.Tensor]:
-    """The prefill_* fields: the chunks as the arguments of one kernel launch (none without chunks)."""
-    if not seqs:
-        return {}
-    return {
-        "prefill_block_tables": tables,
-        "prefill_query_starts": _tensor([query_starts[i] for i in seqs], torch.int32, device),
-        "prefill_query_lens": _tensor([query_lens[i] for i in seqs], torch.int32, device),
-        "prefill_seq_lens": _tensor([seq_lens[i] for i in seqs], torch.int32, device),
-    }
+    def table(
+        self,
+        block_tables: Sequence[Sequence[int]],
+        seq_lens: Sequence[int],
+        seqs: list[int],
+        block_size: int,
+        rows: torch.Tensor | None,
+    ) -> int:
+        """(len(seqs), max_blocks) int32: the blocks each sequence's context uses, padded with block 0."""
+        width = max((-(-seq_lens[i] // block_size) for i in seqs), default=0)
+        if rows is not None:  # kept from step to step: slice, do not rebuild
+            table = rows[torch.tensor(seqs, dtype=torch.long), :width] if seqs else rows[:0, :width]
+            self.parts.append((table, torch.int32))
+        else:
+            padded = [list(block_tables[i][:width]) + [0] * (width - len(block_tables[i][:width])) for i in seqs]
+            self.parts.append((torch.tensor(padded, dtype=torch.int32).view(len(seqs), width), torch.int32))
+        return len(self.parts) - 1
+
+    def send(self) -> list[torch.Tensor]:
+        if self.device.type == "cpu":
+            return [part.to(dtype) for part, dtype in self.parts]
+        flat = [part.reshape(-1).long() for part, _ in self.parts]
+        host = torch.cat(flat).pin_memory() if flat else torch.empty(0, dtype=torch.long)
+        on_device = host.to(self.device, non_blocking=True)
+        out, start = [], 0
+        for (part, dtype), f in zip(self.parts, flat, strict=True):
+            out.append(on_device[start : start + f.numel()].view(part.shape).to(dtype))
+            start += f.numel()
+        return out
 
 
 def _slots(table: Sequence[int], start: int, end: int, block_size: int) -> list[int]:
@@ -265,6 +309,9 @@ def paged_attention(
 
 def capture_queries(q: torch.Tensor, meta: AttentionMetadata, layer_index: int) -> None:
     """Keep the asked rows' queries (T, H, D) of this layer for their weights after the step."""
+    if meta.query_sink is not None:
+        meta.query_sink[layer_index].copy_(q)
+        return
     for seq, layers in meta.attention_requests.items():
         if layer_index in layers:
             first, count = meta.attention_rows.get(seq, (0, meta.query_lens[seq]))

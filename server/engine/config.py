@@ -71,3 +71,6 @@ class EngineConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     stream: StreamConfig = field(default_factory=StreamConfig)
     max_model_len: int | None = None  # None = the model's context, capped by the cache size
+    # Decode steps on static inputs padded to bucket sizes, captured as CUDA graphs.
+    # None = on CUDA, off on CPU (where padding buys nothing; tests turn it on to check the path).
+    graph_decode: bool | None = None

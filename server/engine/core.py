@@ -106,6 +106,9 @@ class Engine:
         self.block_manager = BlockManager(
             self.runner.num_blocks, config.cache.block_size, enable_prefix_caching=config.cache.enable_prefix_caching
         )
+        graph_decode = config.graph_decode if config.graph_decode is not None else self.runner.device.type == "cuda"
+        if graph_decode:
+            self.runner.use_graph_decode(max_num_seqs=sched_config.max_num_seqs, max_model_len=max_model_len)
         self.scheduler = Scheduler(sched_config, self.block_manager)
         self._lock = threading.Lock()
         self._wakeup = threading.Event()

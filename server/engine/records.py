@@ -26,7 +26,7 @@ class ScheduledRequest:
     request_id: str
     token_ids: list[int]  # the new tokens to compute
     num_computed_tokens: int  # position of token_ids[0]
-    block_table: list[int]
+    block_table: list[int]  # the request's own list, not a copy: read it during this step only
     params: SamplingParams
     num_output_tokens: int  # generated so far: the seeded sampler's step
     num_prompt_tokens: int
@@ -47,6 +47,7 @@ class SchedulerOutput:
     requests: list[ScheduledRequest] = field(default_factory=list)
     num_batched_tokens: int = 0
     preempted_ids: list[str] = field(default_factory=list)
+    finished_ids: list[str] = field(default_factory=list)  # finished since the last plan: the runner forgets them
 
     @property
     def is_empty(self) -> bool:

@@ -15,7 +15,9 @@ from attnserve.model.attention import AttentionMetadata
 from attnserve.model.kv_cache import KVCache, kv_cache_bytes_per_block
 from attnserve.model.llama import LlamaForCausalLM
 from attnserve.model.sampling import SamplingTensors, fetch_sampled, sample, step_generator
+from attnserve.server.engine.block_table_rows import BlockTableRows
 from attnserve.server.engine.config import CacheConfig
+from attnserve.server.engine.graph_decode import GraphDecode
 from attnserve.server.engine.records import AttentionRow, RunnerOutput, ScheduledRequest, SchedulerOutput, TokenLogprobs
 from attnserve.server.engine.request import HeadReduction, WeightsDtype
 
@@ -35,19 +37,36 @@ class ModelRunner:
         self.device = model.device
         self.block_size = cache_config.block_size
         per_block = kv_cache_bytes_per_block(model.config, self.block_size, model.dtype)
-        num_blocks = kv_cache_budget(cache_config, self.device) // per_block
+        num_blocks = kv_cache_budget(cache_config, self.device) // per_block - 1
         if num_blocks < 1:
-            raise ValueError(f"the KV cache budget does not hold one block ({per_block} bytes)")
+            raise ValueError(f"the KV cache budget does not hold two blocks ({per_block} bytes each)")
+        # One block more than the block manager hands out: padding rows of a static decode write there.
         self.kv_cache = KVCache.allocate(
-            model.config, num_blocks=num_blocks, block_size=self.block_size, dtype=model.dtype, device=self.device
+            model.config, num_blocks=num_blocks + 1, block_size=self.block_size, dtype=model.dtype, device=self.device
         )
+        self.scratch_slot = num_blocks * self.block_size
+        self.block_tables = BlockTableRows()
+        self.graph_decode: GraphDecode | None = None
 
     @property
     def num_blocks(self) -> int:
-        return self.kv_cache.num_blocks
+        """Blocks the block manager may hand out (the cache holds one more, the scratch block)."""
+        return self.kv_cache.num_blocks - 1
+
+    def use_graph_decode(self, *, max_num_seqs: int, max_model_len: int) -> None:
+        """Static, bucketed decode steps from now on; captured as CUDA graphs on a GPU."""
+        self.graph_decode = GraphDecode(
+            self.model,
+            self.kv_cache,
+            max_num_seqs=max_num_seqs,
+            max_blocks_per_seq=-(-max_model_len // self.block_size),
+            scratch_slot=self.scratch_slot,
+            capture=self.device.type == "cuda",
+        )
 
     @torch.inference_mode()
     def execute(self, plan: SchedulerOutput) -> RunnerOutput:
+        self.block_tables.forget(itertools.chain(plan.preempted_ids, plan.finished_ids))
         items = plan.requests
         if not items:
             return RunnerOutput()
@@ -67,9 +86,15 @@ class ModelRunner:
             logits_indices=logits_rows,
             attention_requests={i: items[i].params.attention.layers for i in attention},  # type: ignore[union-attr]
             attention_rows={i: _capture_range(items[i], due) for i, due in attention.items()},
+            table_rows=self.block_tables.rows(items),
+            token_ids=[t for item in items for t in item.token_ids],
         )
-        input_ids = torch.tensor([t for item in items for t in item.token_ids], dtype=torch.long, device=self.device)
-        logits = self.model(input_ids, meta.positions, self.kv_cache, meta)
+        input_ids = meta.input_ids
+        assert input_ids is not None
+        if self.graph_decode is not None and self.graph_decode.can_run(meta):
+            logits = self.graph_decode.run(meta, input_ids)
+        else:
+            logits = self.model(input_ids, meta.positions, self.kv_cache, meta)
 
         out = RunnerOutput()
         if attention:

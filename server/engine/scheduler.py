@@ -51,6 +51,7 @@ class Scheduler:
         self.paused: set[str] = set()  # running requests that get no tokens for now (the engine sets it)
         self.num_preemptions = 0
         self._arrivals = 0
+        self._finished_since_plan: list[str] = []
         self._finished_outside_step: list[RequestDelta] = []
 
     # ----------------------------------------------------------------- intake
@@ -101,7 +102,8 @@ class Scheduler:
         for request in [*self.running, *self.waiting]:
             if request.deadline is not None and now >= request.deadline:
                 self.abort(request.request_id, FinishReason.DEADLINE)
-        out = SchedulerOutput()
+        out = SchedulerOutput(finished_ids=self._finished_since_plan)
+        self._finished_since_plan = []
         self._preempt_for_priority(out)
         step = _StepBudget(self.config.max_num_batched_tokens, self.config.max_attention_scores_per_step)
         if self._schedule_running(out, step):  # blocks ran out: a step that had to preempt admits nobody
@@ -199,7 +201,7 @@ class Scheduler:
                 request_id=request.request_id,
                 token_ids=request.token_slice(start, end),
                 num_computed_tokens=start,
-                block_table=list(request.block_table),
+                block_table=request.block_table,  # no copy per step: it only grows between steps
                 params=request.params,
                 num_output_tokens=len(request.output_token_ids),
                 num_prompt_tokens=request.num_prompt_tokens,
@@ -288,6 +290,7 @@ class Scheduler:
         request.finish_reason = reason
         request.finish_time = self.clock()
         del self.requests[request.request_id]
+        self._finished_since_plan.append(request.request_id)
 
 
 @dataclass

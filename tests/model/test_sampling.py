@@ -42,7 +42,9 @@ def test_filters_never_pick_an_excluded_token(
     probs = logits[0, order].softmax(-1).tolist()
     allowed, mass = set(), 0.0
     for rank, (token, p) in enumerate(zip(order, probs, strict=True)):
-        if rank == 0 or (mass < top_p and p >= min_p * probs[0]):
+        # top_p = 1 is "off" (the sampler then skips the filter): a float cumsum reaching 1.0 a token early
+        # must not make the reference drop the tail.
+        if rank == 0 or ((top_p >= 1.0 or mass < top_p) and p >= min_p * probs[0]):
             allowed.add(token)
         mass += p
     params = SamplingTensors.from_lists(temperature=[1.0], top_k=[top_k], top_p=[top_p], min_p=[min_p])

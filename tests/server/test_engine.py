@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 
 from attnserve.model.attention import AttentionMetadata
 from attnserve.model.loader import LoadedModel
+from attnserve.server.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from attnserve.server.engine.core import Engine
 from attnserve.server.engine.errors import QueueFullError
 from attnserve.server.engine.request import AttentionOptions, FinishReason, HeadReduction, SamplingParams, WeightsDtype
@@ -49,7 +51,7 @@ def test_preemption_keeps_every_request_correct(tiny: LoadedModel) -> None:
     ps = prompts(16, tiny.config.vocab_size, seed=1, lengths=(10, 30))
     params = SamplingParams(max_tokens=40, ignore_eos=True)
     per_block = 2 * tiny.config.num_layers * 16 * tiny.config.num_kv_heads * tiny.config.head_dim * 4
-    small = make_engine(tiny, kv_cache_memory=24 * per_block)  # 384 slots for ~16 x 60 tokens
+    small = make_engine(tiny, kv_cache_memory=25 * per_block)  # 24 blocks (384 slots) for ~16 x 60 tokens + scratch
     roomy = make_engine(tiny)
     try:
         assert small.runner.num_blocks == 24
@@ -227,3 +229,47 @@ def test_shutdown_finishes_in_flight_then_refuses(tiny: LoadedModel) -> None:
     outs = asyncio.run(go())
     assert outs[-1].finish_reason is FinishReason.LENGTH and sum(len(o.token_ids) for o in outs) == 30
     assert not eng.is_alive
+
+
+@pytest.mark.parametrize("batch", [1, 2, 3, 5, 8, 13])
+def test_static_padded_decode_equals_the_dynamic_path_token_for_token(tiny: LoadedModel, batch: int) -> None:
+    """The graph-decode path (static inputs padded to buckets; captured as CUDA graphs on a GPU) runs
+    eagerly on CPU: its padding rows, scratch slot and query buffer change nothing."""
+    config = EngineConfig(
+        scheduler=SchedulerConfig(max_num_seqs=16), cache=CacheConfig(kv_cache_memory=16 << 20), graph_decode=True
+    )
+    static = Engine(tiny, config).start()
+    dynamic = make_engine(tiny, kv_cache_memory=16 << 20, max_num_seqs=16)
+    try:
+        assert static.runner.graph_decode is not None and static.runner.graph_decode.buckets == [1, 2, 4, 8, 16]
+        ps = prompts(batch, tiny.config.vocab_size, seed=20 + batch)
+        asking = AttentionOptions(layers=(0, 1))
+        params = [SamplingParams(max_tokens=12, ignore_eos=True, attention=None if i else asking) for i in range(batch)]
+        got, want = run_together(static, ps, params), run_together(dynamic, ps, params)
+        assert [o.token_ids for o in got] == [o.token_ids for o in want]
+        assert [r.weights for r in got[0].attention] == [r.weights for r in want[0].attention]
+    finally:
+        static.shutdown(5)
+        dynamic.shutdown(5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_graph_decode_equals_eager_token_for_token_for_every_bucket(dtype: torch.dtype) -> None:
+    from attnserve.model.loader import load_model
+
+    loaded = load_model("dummy:tiny", device="cuda", dtype=dtype)
+    config = EngineConfig(scheduler=SchedulerConfig(max_num_seqs=32), cache=CacheConfig(kv_cache_memory=64 << 20))
+    graphs = Engine(loaded, dataclasses.replace(config, graph_decode=True)).start()
+    eager = Engine(loaded, dataclasses.replace(config, graph_decode=False)).start()
+    try:
+        assert graphs.runner.graph_decode is not None and graphs.runner.graph_decode.graphs
+        for batch in graphs.runner.graph_decode.buckets:
+            ps = prompts(batch, loaded.config.vocab_size, seed=40 + batch)
+            params = SamplingParams(max_tokens=16, ignore_eos=True)
+            got, want = run_together(graphs, ps, params), run_together(eager, ps, params)
+            assert [o.token_ids for o in got] == [o.token_ids for o in want], batch
+    finally:
+        graphs.shutdown(5)
+        eager.shutdown(5)
