@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +23,16 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 1.0) -> float:
+    """Seconds until predicate() held; fails past timeout."""
+    start = time.monotonic()
+    while time.monotonic() - start < timeout:
+        if predicate():
+            return time.monotonic() - start
+        time.sleep(0.01)
+    raise AssertionError(f"condition not met within {timeout}s")
 
 
 def health_status(target: str, timeout: float = 2.0) -> str | None:
@@ -107,6 +118,10 @@ class ServerProcess:
         if default is not None and f"# TYPE {name} " in self.metrics_text():
             return default
         raise KeyError(f"{want} is not exported")
+
+    def is_idle(self) -> bool:
+        """Nothing running and every KV block back (per /metrics)."""
+        return self.metric("attnserve_num_requests_running") == 0 and self.metric("attnserve_kv_cache_usage_perc") == 0
 
     def rss_mb(self) -> float:
         """The server process's resident memory, MB."""

@@ -20,7 +20,7 @@ from attnserve.model.attention import AttentionMetadata
 from attnserve.model.loader import load_model
 from attnserve.v1 import generate_pb2 as pb
 from tests.helpers import new_cache, scattered_block_tables
-from tests.server.server_process import ServerProcess, health_status
+from tests.server.server_process import ServerProcess, health_status, wait_for
 
 GREEDY = dict(temperature=0.0)
 
@@ -72,15 +72,6 @@ def test_16_concurrent_streams_match_their_solo_results(client: Client) -> None:
     assert together == solo
 
 
-def _wait_for(predicate, timeout: float = 1.0) -> float:
-    start = time.monotonic()
-    while time.monotonic() - start < timeout:
-        if predicate():
-            return time.monotonic() - start
-        time.sleep(0.02)
-    raise AssertionError(f"condition not met within {timeout}s")
-
-
 def test_cancel_mid_stream_frees_blocks_within_a_second(client: Client, tiny_server: ServerProcess) -> None:
     stream = client.generate_stream("cancel me", max_tokens=900, ignore_eos=True, **GREEDY)
     for i, _ in enumerate(stream):
@@ -88,7 +79,7 @@ def test_cancel_mid_stream_frees_blocks_within_a_second(client: Client, tiny_ser
             break
     assert tiny_server.metric("attnserve_num_requests_running") == 1.0  # still generating: 900 tokens asked
     stream.close()  # the client's generator cancels the call
-    _wait_for(
+    wait_for(
         lambda: (
             tiny_server.metric("attnserve_kv_cache_usage_perc") == 0.0
             and tiny_server.metric("attnserve_num_requests_running") == 0.0
@@ -102,7 +93,7 @@ def test_deadline_exceeded_and_blocks_freed(client: Client, tiny_server: ServerP
     with pytest.raises(DeadlineExceededError):
         client.generate("slow", max_tokens=1000, ignore_eos=True, timeout=0.3, **GREEDY)
     # The engine aborts it at its next step; allow for a loaded machine (the cancel test holds the 1 s bound).
-    _wait_for(
+    wait_for(
         lambda: (
             tiny_server.metric("attnserve_kv_cache_usage_perc") == 0.0
             and tiny_server.metric("attnserve_num_requests_running") == 0.0
@@ -110,7 +101,7 @@ def test_deadline_exceeded_and_blocks_freed(client: Client, tiny_server: ServerP
         timeout=5.0,
     )
     deadlines = lambda: tiny_server.metric("attnserve_request_failure_total", 'reason="deadline"', default=0.0)  # noqa: E731
-    _wait_for(lambda: deadlines() == before + 1, timeout=5.0)
+    wait_for(lambda: deadlines() == before + 1, timeout=5.0)
 
 
 def test_attention_rows_match_the_models_explicit_path(client: Client) -> None:
@@ -300,7 +291,7 @@ def test_sigterm_lets_streams_finish_and_exits_zero(tmp_path) -> None:
     assert first_token.wait(30)
     assert server.proc is not None
     server.proc.send_signal(15)
-    _wait_for(lambda: health_status(server.target) in ("NOT_SERVING", None), timeout=10.0)
+    wait_for(lambda: health_status(server.target) in ("NOT_SERVING", None), timeout=10.0)
     with Client(server.target) as late, pytest.raises(UnavailableError, match="shutting down"):
         late.generate("late", max_tokens=2)
     for t in threads:

@@ -20,7 +20,7 @@ from attnserve.client import (
     ResourceExhaustedError,
     UnavailableError,
 )
-from tests.server.server_process import ServerProcess, health_status
+from tests.server.server_process import ServerProcess, health_status, wait_for
 
 pytestmark = pytest.mark.slow  # real server processes
 GREEDY = dict(temperature=0.0)
@@ -39,19 +39,6 @@ def guarded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]
         yield server.wait_serving()
     finally:
         server.stop()
-
-
-def wait_for(predicate, timeout: float) -> None:  # type: ignore[no-untyped-def]
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"not within {timeout}s")
-
-
-def idle(server: ServerProcess) -> bool:
-    return server.metric("attnserve_num_requests_running") == 0 and server.metric("attnserve_kv_cache_usage_perc") == 0
 
 
 class Streamer(threading.Thread):
@@ -89,7 +76,7 @@ def test_a_reader_that_never_reads_is_paused_then_ended(guarded: ServerProcess) 
         other = c.generate("meanwhile", max_tokens=20, ignore_eos=True, **GREEDY)
         assert other.usage.completion_tokens == 20
         # Still unread after --stalled-reader-timeout: the server ends it and frees its blocks.
-        wait_for(lambda: idle(guarded), timeout=20)
+        wait_for(lambda: guarded.is_idle(), timeout=20)
         assert guarded.metric("attnserve_stream_backlog_bytes") == 0
         assert guarded.metric("attnserve_request_failure_total", 'reason="stalled"', default=0.0) >= 1
         with pytest.raises(ResourceExhaustedError, match="not read"):

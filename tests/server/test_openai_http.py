@@ -11,7 +11,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,7 @@ import openai
 import pytest
 
 from attnserve.client import Client
-from tests.server.server_process import ServerProcess
+from tests.server.server_process import ServerProcess, wait_for
 
 pytestmark = pytest.mark.slow  # real server processes
 
@@ -58,20 +58,6 @@ def http(url: str, body: dict | bytes | None = None, headers: dict[str, str] | N
         return status, json.loads(raw)
     except ValueError:
         return status, raw
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float) -> float:
-    """Seconds until predicate() held; fails past timeout."""
-    start = time.monotonic()
-    while time.monotonic() - start < timeout:
-        if predicate():
-            return time.monotonic() - start
-        time.sleep(0.01)
-    raise AssertionError(f"condition not met within {timeout}s")
-
-
-def idle(server: ServerProcess) -> bool:
-    return server.metric("attnserve_kv_cache_usage_perc") == 0 and server.metric("attnserve_num_requests_running") == 0
 
 
 def samples(exposition: str) -> dict[str, float]:
@@ -313,7 +299,7 @@ def test_past_the_deadline_is_504_and_frees_the_blocks(server: ServerProcess) ->
     with pytest.raises(openai.APIError, match="deadline"):  # streamed: the 200 is sent, the error comes in the stream
         for _ in client.completions.create(stream=True, **ask):
             pass
-    wait_for(lambda: idle(server), timeout=5.0)
+    wait_for(lambda: server.is_idle(), timeout=5.0)
 
 
 def test_a_client_that_hangs_up_mid_stream_frees_its_blocks_at_once(server: ServerProcess) -> None:
