@@ -1,4 +1,5 @@
-"""Decode-step time against context length, beside what reading the K/V costs at this machine's bandwidth.
+"""Decode-step time against context length, beside what reading the K/V costs at this machine's bandwidth;
+then the host time of a decode step's metadata at batch 1..256.
 
     python bench/step_bench.py                      # dummy:smollm2-135m shape, float32
     python bench/step_bench.py --batch 1 16 --context 128 2048 --kv-budget-gb 2
@@ -115,6 +116,32 @@ def measure(timer: Callable[[], float], paths: list[str], repeats: int) -> dict[
     return {p: statistics.median(t[1:]) for p, t in times.items()}
 
 
+def metadata_times(block_size: int, context: int = 2048, batches: tuple[int, ...] = (1, 16, 64, 256)) -> None:
+    """Host time to build a decode step's metadata, from lists (as before) and from the runner's kept rows."""
+    print(f"\nStep metadata, decode at context {context}, host time (median of 50):")
+    print(f"{'B':>4} {'from lists':>11} {'kept rows':>10}")
+    for batch in batches:
+        tables = interleaved_tables(batch, -(-(context + 1) // block_size))
+        rows = torch.tensor(tables, dtype=torch.int32)
+        times = {}
+        for name, kept in (("lists", None), ("rows", rows)):
+            samples = []
+            for _ in range(50):
+                start = time.perf_counter()
+                AttentionMetadata.build(
+                    block_tables=tables,
+                    seq_lens=[context + 1] * batch,
+                    query_lens=[1] * batch,
+                    block_size=block_size,
+                    logits_indices=list(range(batch)),
+                    token_ids=[0] * batch,
+                    table_rows=kept,
+                )
+                samples.append(time.perf_counter() - start)
+            times[name] = statistics.median(samples) * 1e3
+        print(f"{batch:>4} {times['lists']:>9.2f}ms {times['rows']:>8.2f}ms")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="dummy:smollm2-135m")
@@ -164,6 +191,7 @@ def main() -> None:
         "\nTimes in ms. K/V read: the batch's whole K/V read once at half the copy bandwidth. ctx cost: step time"
         f" at C minus at C={BASE_CONTEXT}; ctx target: the K/V that context adds, read once at half the bandwidth."
     )
+    metadata_times(args.block_size)
 
 
 if __name__ == "__main__":

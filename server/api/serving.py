@@ -163,7 +163,8 @@ class GenerationService:
         else:
             outcome.log("OK")
         finally:
-            self._in_flight.pop(request_id, None)
+            if outcome.submitted:  # never another request's entry (a duplicate id is refused before it is made)
+                self._in_flight.pop(request_id, None)
             if reserved:
                 self.attention_budget.release(reserved)
 
@@ -232,6 +233,7 @@ class GenerationService:
         except Exception:
             for stream in streams:
                 engine.abort(stream.request_id)
+            del self._in_flight[request_id]
             raise
         return streams
 

@@ -8,10 +8,11 @@ import threading
 import time
 from collections.abc import Iterator
 
+import grpc
 import pytest
 import torch
 
-from attnserve.client import AbortedError, Client, NotFoundError
+from attnserve.client import AbortedError, AttnserveError, Client, NotFoundError
 from attnserve.model.attention import AttentionMetadata
 from attnserve.model.loader import load_model
 from tests.helpers import new_cache, scattered_block_tables
@@ -86,6 +87,18 @@ def test_abort_ends_a_request_in_flight_with_aborted(client: Client, tiny_server
     while tiny_server.metric("attnserve_num_requests_running") != 0 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert tiny_server.metric("attnserve_kv_cache_usage_perc") == 0
+
+
+def test_a_request_id_in_flight_is_not_taken_twice_and_stays_abortable(client: Client) -> None:
+    stream = client.generate_stream("first", request_id="twice", max_tokens=900, ignore_eos=True)
+    next(stream)
+    with pytest.raises(AttnserveError) as caught:
+        client.generate("second", request_id="twice", max_tokens=2)
+    assert caught.value.code == grpc.StatusCode.ALREADY_EXISTS
+    client.abort("twice")  # the first one's entry survived the refusal
+    with pytest.raises(AbortedError):
+        for _ in stream:
+            pass
 
 
 def test_server_info_reports_version_limits_load_and_capacity(client: Client) -> None:
