@@ -23,7 +23,7 @@ import torch
 from attnserve.model.fetch import default_model_path
 from attnserve.model.loader import load_model, parse_dtype
 from attnserve.server.engine.config import CacheConfig, EngineConfig, SchedulerConfig
-from attnserve.server.engine.core import Engine
+from attnserve.server.engine.core import build_engine
 from attnserve.server.engine.request import SamplingParams
 
 
@@ -32,14 +32,14 @@ def make_prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[in
     return [torch.randint(100, vocab - 100, (length,), generator=gen).tolist() for _ in range(n)]
 
 
-def bench_engine(loaded, prompts: list[list[int]], concurrency: int, output_len: int) -> float:
-    engine = Engine(
-        loaded,
-        EngineConfig(
-            scheduler=SchedulerConfig(max_num_batched_tokens=1024, max_num_seqs=max(64, concurrency)),
-            cache=CacheConfig(kv_cache_memory=1 << 30, enable_prefix_caching=False),
-        ),
-    ).start()
+def bench_engine(model: str, dtype: torch.dtype, prompt_len: int, concurrency: int, output_len: int) -> float:
+    config = EngineConfig(
+        scheduler=SchedulerConfig(max_num_batched_tokens=1024, max_num_seqs=max(64, concurrency)),
+        cache=CacheConfig(kv_cache_memory=1 << 30, enable_prefix_caching=False),
+    )
+    # Loaded in the engine's own way (see build_engine): a model loaded on this thread would slow its steps.
+    engine = build_engine(lambda: load_model(model, dtype=dtype), config).start()
+    prompts = make_prompts(max(concurrency, 4), prompt_len, engine.loaded.config.vocab_size, seed=concurrency)
     params = SamplingParams(max_tokens=output_len, ignore_eos=True)
 
     async def closed_loop() -> int:
@@ -97,13 +97,10 @@ def main() -> None:
     results: dict[str, dict[str, float]] = {}
     for dtype_name in args.dtypes:
         dtype = parse_dtype(dtype_name)
-        loaded = load_model(args.model, dtype=dtype)
         row: dict[str, float] = {}
         for c in args.concurrency:
-            prompts = make_prompts(max(c, 4), args.prompt_len, loaded.config.vocab_size, seed=c)
-            row[f"engine C={c}"] = bench_engine(loaded, prompts, c, args.output_len)
+            row[f"engine C={c}"] = bench_engine(args.model, dtype, args.prompt_len, c, args.output_len)
             print(f"{dtype_name} engine C={c}: {row[f'engine C={c}']:.1f} tok/s", flush=True)
-        del loaded
         if not args.skip_transformers:
             import transformers
 

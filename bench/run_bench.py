@@ -98,11 +98,12 @@ def offline_engine(model: str, dtype: str, concurrency: int, args: argparse.Name
     """The engine in-process, no gRPC, on the same prompts as the sweep's C point."""
     from attnserve.model.loader import load_model, parse_dtype
     from attnserve.server.engine.config import CacheConfig, EngineConfig
-    from attnserve.server.engine.core import Engine
+    from attnserve.server.engine.core import build_engine
     from attnserve.server.engine.request import SamplingParams
 
-    loaded = load_model(model, dtype=parse_dtype(dtype))
-    engine = Engine(loaded, EngineConfig(cache=CacheConfig(kv_cache_memory=1 << 30))).start()
+    config = EngineConfig(cache=CacheConfig(kv_cache_memory=1 << 30))
+    engine = build_engine(lambda: load_model(model, dtype=parse_dtype(dtype)), config).start()
+    loaded = engine.loaded
     n = max(args.requests_per_concurrency * concurrency, 4)
     prompts = bench.make_prompts(n, args.input_len, args.output_len, "random", concurrency)
     ids = [loaded.tokenizer.encode(p.text) for p in prompts]

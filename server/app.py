@@ -132,11 +132,11 @@ class Server:
     def _load_engine(self) -> Engine:
         # torch comes in here, not at import: `python -m server --help` stays quick.
         from attnserve.model.loader import load_model, parse_dtype
-        from attnserve.server.engine.core import Engine
+        from attnserve.server.engine.core import build_engine
 
         c = self.config
-        loaded = load_model(c.model, device=c.device, dtype=parse_dtype(c.dtype) if c.dtype else None)
-        return Engine(loaded, c.engine).start()
+        dtype = parse_dtype(c.dtype) if c.dtype else None
+        return build_engine(lambda: load_model(c.model, device=c.device, dtype=dtype), c.engine).start()
 
     async def _warm_up(self) -> None:
         assert self.engine is not None

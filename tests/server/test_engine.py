@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import threading
 import time
 
 import pytest
@@ -273,3 +274,27 @@ def test_cuda_graph_decode_equals_eager_token_for_token_for_every_bucket(dtype: 
     finally:
         graphs.shutdown(5)
         eager.shutdown(5)
+
+
+def test_build_engine_loads_on_a_thread_that_is_gone_and_reraises_its_failure(tiny: LoadedModel) -> None:
+    """The thread that loads keeps no torch thread pool alive beside the engine's (see build_engine)."""
+    from attnserve.server.engine.core import build_engine
+
+    loaders: list[threading.Thread] = []
+
+    def load() -> LoadedModel:
+        loaders.append(threading.current_thread())
+        return tiny
+
+    engine = build_engine(load, EngineConfig(cache=CacheConfig(kv_cache_memory=8 << 20))).start()
+    try:
+        assert loaders[0] is not threading.main_thread() and not loaders[0].is_alive()
+        assert asyncio.run(engine.generate([5, 6, 7], SamplingParams(max_tokens=3, ignore_eos=True))).token_ids
+    finally:
+        engine.shutdown(5)
+
+    def broken() -> LoadedModel:
+        raise FileNotFoundError("no such model: /nowhere.gguf")
+
+    with pytest.raises(FileNotFoundError, match=r"/nowhere\.gguf"):
+        build_engine(broken, EngineConfig())
