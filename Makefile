@@ -19,7 +19,7 @@ CHROMIUM     ?= /usr/bin/chromium
 # apt-get as root (CI), else through sudo if it needs no password; nothing is asked on stdin.
 SUDO         := $(if $(filter 0,$(shell id -u)),,sudo -n)
 
-.PHONY: help install proto model generate serve browser-deps test test-fast lint bench bench-aiperf bench-engine llama-server soak image deploy-smoke clean
+.PHONY: help install proto model generate serve browser-deps test test-fast lint bench bench-aiperf bench-engine bench-step bench-hostile llama-server soak image deploy-smoke clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -90,8 +90,15 @@ llama-server:  ## build llama.cpp's llama-server as a benchmark peer (5-6 min; n
 bench-engine: install model  ## offline engine tok/s vs transformers generate, bf16 and fp32 (several minutes)
 	$(PY) bench/engine_bench.py
 
-soak: install model  ## RSS over 1,000 sequential requests
-	$(PY) bench/rss_soak.py --requests 1000
+bench-step: install  ## decode-step time at batch 1..32 x context 128..4096, before/after, beside the copy bandwidth
+	$(PY) bench/step_bench.py
+
+bench-hostile: install model  ## the hostile-input cases against a real server, with its RSS
+	$(PY) bench/hostile_rss.py
+
+SOAK_MINUTES ?= 30
+soak: install model  ## mixed load for SOAK_MINUTES (a quarter with attention, slow and vanished readers): the RSS curve
+	$(PY) bench/soak.py --minutes $(SOAK_MINUTES)
 
 CONTAINER ?= $(shell command -v podman || command -v docker)
 image:  ## build the CPU image (attnserve:cpu) with podman or docker
