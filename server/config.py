@@ -159,6 +159,12 @@ def _engine_flags(g: argparse._ArgumentGroup) -> None:
     )
     g.add_argument("--no-prefix-caching", action="store_true", help="disable prefix caching")
     g.add_argument(
+        "--graph-decode",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="decode steps on static bucketed inputs, captured as CUDA graphs (auto: on CUDA only)",
+    )
+    g.add_argument(
         "--max-stream-backlog-tokens",
         type=int,
         default=_STREAM.max_backlog_tokens,
@@ -268,6 +274,7 @@ def parse_config(argv: Sequence[str] | None = None, environ: dict[str, str] | No
                 stalled_timeout_s=a.stalled_reader_timeout,
             ),
             max_model_len=a.max_model_len,
+            graph_decode={"auto": None, "on": True, "off": False}[a.graph_decode],
         )
         limits = RequestLimits(
             max_stop_strings=a.max_stop_strings,

@@ -190,6 +190,14 @@ def test_server_rejects_a_misspelt_setting_value() -> None:
     assert "ATTNSERVE_KV_CACHE_MEMORY" in flag_env_names() and build_parser().prog == "python -m server"
 
 
+def test_graph_decode_flag_is_auto_unless_set_by_flag_or_environment() -> None:
+    assert parse_config([], environ={}).engine.graph_decode is None  # auto: CUDA graphs on CUDA only
+    assert parse_config(["--graph-decode", "off"], environ={}).engine.graph_decode is False
+    assert parse_config([], environ={"ATTNSERVE_GRAPH_DECODE": "on"}).engine.graph_decode is True
+    with pytest.raises(SystemExit):
+        parse_config(["--graph-decode", "maybe"], environ={})
+
+
 def test_dockerfile_passes_hadolint() -> None:
     hadolint = shutil.which("hadolint", path=f"{Path(sys.executable).parent}:/usr/local/bin:/usr/bin")
     if hadolint is None:
