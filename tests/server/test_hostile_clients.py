@@ -64,7 +64,9 @@ class Streamer(threading.Thread):
 
 
 def test_a_reader_that_never_reads_is_paused_then_ended(guarded: ServerProcess) -> None:
-    with Client(guarded.target, timeout=120) as c:
+    # Without BDP probing the client's HTTP/2 window stays at 64 KiB: the transport cannot soak
+    # up the whole output (it grew past it on a loaded machine), so what piles up is the server's.
+    with Client(guarded.target, timeout=120, options=[("grpc.http2.bdp_probe", 0)]) as c:
         stream = c.generate_stream(
             token_ids=[5] * 10, max_tokens=900, ignore_eos=True, attention_layers=[0, 1], head_reduction="none"
         )
