@@ -250,43 +250,49 @@ def _env_defaults(parser: argparse.ArgumentParser, environ: dict[str, str]) -> N
                 parser.error(f"{env}={raw!r}: {exc}")
 
 
+def _engine_config(a: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(
+        scheduler=SchedulerConfig(
+            max_num_batched_tokens=a.max_num_batched_tokens,
+            max_num_seqs=a.max_num_seqs,
+            max_num_waiting=a.max_num_waiting,
+            max_attention_scores_per_step=a.max_attention_scores_per_step,
+        ),
+        cache=CacheConfig(
+            block_size=a.block_size,
+            kv_cache_memory=a.kv_cache_memory,
+            gpu_memory_utilization=a.gpu_memory_utilization,
+            enable_prefix_caching=not a.no_prefix_caching,
+        ),
+        stream=StreamConfig(
+            max_backlog_tokens=a.max_stream_backlog_tokens,
+            max_backlog_bytes=a.max_stream_backlog_bytes,
+            stalled_timeout_s=a.stalled_reader_timeout,
+        ),
+        max_model_len=a.max_model_len,
+        graph_decode={"auto": None, "on": True, "off": False}[a.graph_decode],
+    )
+
+
+def _request_limits(a: argparse.Namespace) -> RequestLimits:
+    return RequestLimits(
+        max_stop_strings=a.max_stop_strings,
+        max_stop_string_chars=a.max_stop_string_chars,
+        max_logprobs=a.max_logprobs,
+        default_max_tokens=a.default_max_tokens,
+        max_n=a.max_n,
+        max_attention_bytes_per_request=a.max_attention_bytes_per_request,
+        attention_memory_budget=a.attention_memory_budget,
+        max_request_bytes=a.max_message_bytes,
+        max_response_bytes=a.max_response_bytes,
+    )
+
+
 def parse_config(argv: Sequence[str] | None = None, environ: dict[str, str] | None = None) -> ServerConfig:
     parser = build_parser()
     _env_defaults(parser, dict(os.environ if environ is None else environ))
     a = parser.parse_args(argv)
     try:
-        engine = EngineConfig(
-            scheduler=SchedulerConfig(
-                max_num_batched_tokens=a.max_num_batched_tokens,
-                max_num_seqs=a.max_num_seqs,
-                max_num_waiting=a.max_num_waiting,
-                max_attention_scores_per_step=a.max_attention_scores_per_step,
-            ),
-            cache=CacheConfig(
-                block_size=a.block_size,
-                kv_cache_memory=a.kv_cache_memory,
-                gpu_memory_utilization=a.gpu_memory_utilization,
-                enable_prefix_caching=not a.no_prefix_caching,
-            ),
-            stream=StreamConfig(
-                max_backlog_tokens=a.max_stream_backlog_tokens,
-                max_backlog_bytes=a.max_stream_backlog_bytes,
-                stalled_timeout_s=a.stalled_reader_timeout,
-            ),
-            max_model_len=a.max_model_len,
-            graph_decode={"auto": None, "on": True, "off": False}[a.graph_decode],
-        )
-        limits = RequestLimits(
-            max_stop_strings=a.max_stop_strings,
-            max_stop_string_chars=a.max_stop_string_chars,
-            max_logprobs=a.max_logprobs,
-            default_max_tokens=a.default_max_tokens,
-            max_n=a.max_n,
-            max_attention_bytes_per_request=a.max_attention_bytes_per_request,
-            attention_memory_budget=a.attention_memory_budget,
-            max_request_bytes=a.max_message_bytes,
-            max_response_bytes=a.max_response_bytes,
-        )
         defaults = {
             name: value
             for name in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")
@@ -310,9 +316,9 @@ def parse_config(argv: Sequence[str] | None = None, environ: dict[str, str] | No
             tls_key=a.tls_key,
             auth_token_file=a.auth_token_file,
             log_level=a.log_level,
-            limits=limits,
+            limits=_request_limits(a),
             sampling_defaults=defaults,
-            engine=engine,
+            engine=_engine_config(a),
         )
     except ValueError as exc:
         parser.error(str(exc))
