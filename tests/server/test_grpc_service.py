@@ -275,9 +275,9 @@ def test_sigterm_lets_streams_finish_and_exits_zero(tmp_path) -> None:
     server = ServerProcess(["--model", "dummy:tiny", "--kv-cache-memory", "16MiB", "--shutdown-timeout", "20"])
     server.start(tmp_path / "drain.log").wait_serving()
     results: list[list[int]] = []
-    first_token = threading.Event()
+    first_tokens = [threading.Event() for _ in range(3)]  # SIGTERM only once every stream is in flight
 
-    def stream() -> None:
+    def stream(first_token: threading.Event) -> None:
         with Client(server.target) as c:
             tokens = []
             for chunk in c.generate_stream("drain", max_tokens=400, ignore_eos=True, **GREEDY):
@@ -285,10 +285,10 @@ def test_sigterm_lets_streams_finish_and_exits_zero(tmp_path) -> None:
                 first_token.set()
             results.append(tokens)
 
-    threads = [threading.Thread(target=stream) for _ in range(3)]
+    threads = [threading.Thread(target=stream, args=(event,)) for event in first_tokens]
     for t in threads:
         t.start()
-    assert first_token.wait(30)
+    assert all(event.wait(30) for event in first_tokens)
     assert server.proc is not None
     server.proc.send_signal(15)
     wait_for(lambda: health_status(server.target) in ("NOT_SERVING", None), timeout=10.0)
