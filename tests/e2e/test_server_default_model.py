@@ -38,9 +38,9 @@ def test_health_answer_and_drain_on_the_default_model(tmp_path: Path, default_gg
         assert "Paris" in answer.text and answer.finish_reason == pb.FINISH_REASON_STOP
 
     finished: list[tuple[int, int]] = []
-    started = threading.Event()
+    in_flight = [threading.Event() for _ in range(2)]  # SIGTERM only once both streams have a token
 
-    def stream() -> None:
+    def stream(started: threading.Event) -> None:
         with Client(server.target, timeout=120) as c:
             tokens, final = 0, None
             for chunk in c.generate_stream(
@@ -51,10 +51,10 @@ def test_health_answer_and_drain_on_the_default_model(tmp_path: Path, default_gg
                 final = chunk.finish_reason or final
             finished.append((tokens, final))
 
-    threads = [threading.Thread(target=stream) for _ in range(2)]
+    threads = [threading.Thread(target=stream, args=(event,)) for event in in_flight]
     for t in threads:
         t.start()
-    assert started.wait(60)
+    assert all(event.wait(60) for event in in_flight)
     assert server.proc is not None
     server.proc.send_signal(15)  # SIGTERM with two streams in flight
     draining = None
