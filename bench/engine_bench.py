@@ -32,10 +32,23 @@ def make_prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[in
     return [torch.randint(100, vocab - 100, (length,), generator=gen).tolist() for _ in range(n)]
 
 
-def bench_engine(model: str, dtype: torch.dtype, prompt_len: int, concurrency: int, output_len: int) -> float:
+def cpu_flags() -> str:
+    """The CPU's vector extensions that decide the bf16 and fp32 kernels (recorded with every result)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split("flags", 1)[1].split("\n", 1)[0].split()
+    except (OSError, IndexError):
+        return "unknown"
+    wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile")
+    return " ".join(f for f in wanted if f in flags) or "no avx2"
+
+
+def bench_engine(
+    model: str, dtype: torch.dtype, prompt_len: int, concurrency: int, output_len: int, *, batch_invariant: bool = True
+) -> float:
     config = EngineConfig(
         scheduler=SchedulerConfig(max_num_batched_tokens=1024, max_num_seqs=max(64, concurrency)),
         cache=CacheConfig(kv_cache_memory=1 << 30, enable_prefix_caching=False),
+        batch_invariant=batch_invariant,
     )
     # Loaded in the engine's own way (see build_engine): a model loaded on this thread would slow its steps.
     engine = build_engine(lambda: load_model(model, dtype=dtype), config).start()
@@ -90,6 +103,13 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--skip-transformers", action="store_true")
+    parser.add_argument(
+        "--batch-invariant",
+        nargs="+",
+        choices=["on", "off"],
+        default=["on"],
+        help="engine rows with the invariant path (on, the default) and/or the fast one (off), side by side",
+    )
     parser.add_argument("--json", type=Path, default=Path("bench/results/engine.json"))
     args = parser.parse_args()
     torch.set_num_threads(torch.get_num_threads())
@@ -99,8 +119,12 @@ def main() -> None:
         dtype = parse_dtype(dtype_name)
         row: dict[str, float] = {}
         for c in args.concurrency:
-            row[f"engine C={c}"] = bench_engine(args.model, dtype, args.prompt_len, c, args.output_len)
-            print(f"{dtype_name} engine C={c}: {row[f'engine C={c}']:.1f} tok/s", flush=True)
+            for mode in args.batch_invariant:
+                name = f"engine C={c}" + ("" if args.batch_invariant == ["on"] else f" invariant={mode}")
+                row[name] = bench_engine(
+                    args.model, dtype, args.prompt_len, c, args.output_len, batch_invariant=mode == "on"
+                )
+                print(f"{dtype_name} {name}: {row[name]:.1f} tok/s", flush=True)
         if not args.skip_transformers:
             import transformers
 
@@ -122,13 +146,19 @@ def main() -> None:
 
     print(
         f"\nmachine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-        f"torch {torch.__version__}; prompt {args.prompt_len} tokens, output {args.output_len} tokens"
+        f"torch {torch.__version__}; CPU flags: {cpu_flags()}; "
+        f"prompt {args.prompt_len} tokens, output {args.output_len} tokens"
     )
     names = list(next(iter(results.values())))
     print("| dtype | " + " | ".join(names) + " |")
     print("|---|" + "---|" * len(names))
     for dtype_name, row in results.items():
         print(f"| {dtype_name} | " + " | ".join(f"{row[n]:.1f}" for n in names) + " |")
+    for dtype_name, row in results.items():
+        for c in args.concurrency:
+            on, off = row.get(f"engine C={c} invariant=on"), row.get(f"engine C={c} invariant=off")
+            if on and off:
+                print(f"{dtype_name} C={c}: invariant / fast = {on / off:.3f} (cost {100 * (1 - on / off):.1f} %)")
     for dtype_name, row in results.items():
         if "transformers bs=1" in row and "engine C=16" in row:
             print(
@@ -137,7 +167,10 @@ def main() -> None:
                 f"C=1 / transformers bs=1 = {row['engine C=1'] / row['transformers bs=1']:.2f}x"
             )
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, "results": results}, indent=2))
+    meta = {"cpu_flags": cpu_flags(), "threads": torch.get_num_threads(), "torch": torch.__version__}
+    args.json.write_text(
+        json.dumps({"args": vars(args) | {"json": str(args.json)}, "machine": meta, "results": results}, indent=2)
+    )
 
 
 if __name__ == "__main__":

@@ -4,12 +4,14 @@ A step's batch is the concatenation of each sequence's *new* tokens (a prefill
 chunk, or one token when decoding). Every new token's K/V is first written to its
 cache slot; then each sequence attends to its whole history in the cache.
 
-- Decode rows (one query each) read K/V in place through their block tables, with no
-  copy of the context: a Triton kernel on CUDA, sparse row-indexed kernels on CPU
-  (see model/kernels/).
-- Prefill chunks go through one Triton launch on CUDA. On CPU each chunk is one SDPA
-  call: a matrix product already, and one masked call over the whole batch measured
-  3-4x slower there (it computes every chunk against every other).
+- On CPU, by default (``batch_invariant``), every query row, decode or prefill, takes one
+  path: sparse row-indexed kernels that read K/V in place and reduce each row over its own
+  entries in a fixed order (model/kernels/cpu_sparse.py), so a row's result never depends
+  on the batch, the chunking or the prefix cache. K/V are then kept in float32.
+- The fast path (``batch_invariant=False``) reads decode rows the same way (float32) or one
+  sequence at a time (other dtypes), and sends each prefill chunk to SDPA, whose blocking
+  follows the chunk's shape: about 3.5x faster on a 512-token prefill, not invariant.
+- On CUDA, decode rows take a Triton kernel and the prefill chunks one Triton launch.
 
 Every token takes the fused path; none materialises weights. For the sequences that ask,
 the forward keeps the *queries* of the asked rows at the asked layers (a copy of a few
@@ -26,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from attnserve.model.kernels import cpu_decode
+from attnserve.model.kernels import cpu_sparse
 from attnserve.model.kernels.gather import context_kv
 
 # (sequence index, layer index) -> the asked rows' queries (rows, num_heads, head_dim), rotated.
@@ -83,8 +85,10 @@ class AttentionMetadata:
     # (num_layers, B, H, D): a copy inside the graph, no Python per asked row.
     query_sink: torch.Tensor | None = None
     input_ids: torch.Tensor | None = None  # (T,) the step's tokens, when build() was given them
-    # Per-step derived layouts shared by every layer (the CPU decode pattern).
-    _cpu_decode_layouts: dict[tuple[int, int, int], cpu_decode.DecodeLayout] = field(
+    # CPU: every row through the row-exact sparse path (see the module docstring).
+    batch_invariant: bool = True
+    # Per-step derived layouts shared by every layer (the CPU sparse patterns).
+    _cpu_layouts: dict[tuple[int, int, int, bool], list[cpu_sparse.RowLayout]] = field(
         default_factory=dict, repr=False, compare=False
     )
 
@@ -106,6 +110,7 @@ class AttentionMetadata:
         attention_rows: Mapping[int, tuple[int, int]] | None = None,
         table_rows: torch.Tensor | None = None,
         token_ids: Sequence[int] | None = None,
+        batch_invariant: bool = True,
     ) -> AttentionMetadata:
         """Derive slots, positions and per-group layouts from block tables (host lists, no device reads).
 
@@ -173,23 +178,41 @@ class AttentionMetadata:
             attention_requests={i: frozenset(layers) for i, layers in (attention_requests or {}).items()},
             attention_rows=dict(attention_rows or {}),
             input_ids=None if token_ids is None else t["input_ids"],
+            batch_invariant=batch_invariant,
         )
 
-    def cpu_decode_layout(self, num_heads: int, layer_cache: torch.Tensor) -> cpu_decode.DecodeLayout:
-        """The decode rows' sparse layout for the CPU kernels, built on first use and shared by every layer."""
-        assert self.decode_block_tables is not None
+    def cpu_layouts(
+        self, num_heads: int, layer_cache: torch.Tensor, *, decode_only: bool = False
+    ) -> list[cpu_sparse.RowLayout]:
+        """The sparse layouts of every row (or of the decode rows alone), built on first use and
+        shared by every layer."""
         _, num_blocks, block_size, num_kv_heads, _ = layer_cache.shape
-        key = (num_heads, num_kv_heads, num_blocks * block_size)
-        if key not in self._cpu_decode_layouts:
-            self._cpu_decode_layouts[key] = cpu_decode.build_decode_layout(
-                self.decode_block_tables,
-                self.decode_seq_lens_host,
+        key = (num_heads, num_kv_heads, num_blocks * block_size, decode_only)
+        if key not in self._cpu_layouts:
+            self._cpu_layouts[key] = cpu_sparse.build_row_layouts(
+                self._decode_rows() if decode_only else self._all_rows(),
                 block_size=block_size,
                 num_heads=num_heads,
                 num_kv_heads=num_kv_heads,
                 num_slots=num_blocks * block_size,
             )
-        return self._cpu_decode_layouts[key]
+        return self._cpu_layouts[key]
+
+    def _decode_rows(self) -> list[cpu_sparse.QueryRows]:
+        assert self.decode_block_tables is not None
+        return [
+            cpu_sparse.QueryRows(table, length, 1)
+            for table, length in zip(self.decode_block_tables, self.decode_seq_lens_host, strict=True)
+        ]
+
+    def _all_rows(self) -> list[cpu_sparse.QueryRows]:
+        tables = {chunk.seq_index: chunk.block_table for chunk in self.prefills}
+        if self.decode_block_tables is not None:
+            tables.update(zip(self.decode_seq_indices, self.decode_block_tables, strict=False))
+        return [
+            cpu_sparse.QueryRows(tables[i], seq_len, query_len)
+            for i, (seq_len, query_len) in enumerate(zip(self.seq_lens, self.query_lens, strict=True))
+        ]
 
     @property
     def decode_seq_lens_host(self) -> list[int]:
@@ -274,11 +297,19 @@ def _slots(table: Sequence[int], start: int, end: int, block_size: int) -> list[
     return out
 
 
+def kv_cache_dtype(dtype: torch.dtype, device: torch.device, *, batch_invariant: bool) -> torch.dtype:
+    """The dtype the paged cache keeps K/V in: the model's, except on the batch-invariant CPU path,
+    whose sparse kernels read float32 (a narrower model's K/V are held exactly, upcast)."""
+    if batch_invariant and device.type == "cpu" and dtype not in cpu_sparse.SPARSE_DTYPES:
+        return torch.float32
+    return dtype
+
+
 def write_kv(layer_cache: torch.Tensor, slot_mapping: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     """Store new keys/values (T, Hkv, D) at their slots of one layer's cache."""
     flat = layer_cache.view(2, -1, *layer_cache.shape[-2:])  # (2, num_slots, Hkv, D)
-    flat[0].index_copy_(0, slot_mapping, k)
-    flat[1].index_copy_(0, slot_mapping, v)
+    flat[0].index_copy_(0, slot_mapping, k.to(flat.dtype))  # a wider cache holds them exactly
+    flat[1].index_copy_(0, slot_mapping, v.to(flat.dtype))
 
 
 def paged_attention(
@@ -296,7 +327,10 @@ def paged_attention(
     q: (T, H, D); k, v: (T, Hkv, D), already rotated. Returns (T, H, D).
     """
     write_kv(layer_cache, meta.slot_mapping, k, v)
-    if meta.is_pure_decode:
+    if meta.batch_invariant and not q.is_cuda:
+        layouts = meta.cpu_layouts(q.shape[1], layer_cache)
+        out = cpu_sparse.sparse_attention(q, layer_cache, layouts, scale)
+    elif meta.is_pure_decode:
         out = decode_attention(q, layer_cache, meta, scale)
     else:
         out = torch.empty_like(q)
@@ -336,13 +370,13 @@ def decode_attention(q: torch.Tensor, layer_cache: torch.Tensor, meta: Attention
     bench/step_bench.py swaps this function for the old copying path to compare the two.
     """
     assert meta.decode_block_tables is not None and meta.decode_seq_lens is not None
-    if not q.is_cuda and q.dtype not in cpu_decode.SPARSE_DTYPES:
-        return cpu_decode.per_sequence_decode_attention(
+    if not q.is_cuda and layer_cache.dtype not in cpu_sparse.SPARSE_DTYPES:
+        return cpu_sparse.per_sequence_decode_attention(
             q, layer_cache, meta.decode_block_tables, meta.decode_seq_lens_host, scale
         )
-    layout = None if q.is_cuda else meta.cpu_decode_layout(q.shape[1], layer_cache)
+    layouts = None if q.is_cuda else meta.cpu_layouts(q.shape[1], layer_cache, decode_only=True)
     return paged_decode_attention(
-        q, layer_cache, meta.decode_block_tables, meta.decode_seq_lens, scale, cpu_layout=layout
+        q, layer_cache, meta.decode_block_tables, meta.decode_seq_lens, scale, cpu_layouts=layouts
     )
 
 
@@ -353,29 +387,28 @@ def paged_decode_attention(
     seq_lens: torch.Tensor,  # (B,) int32; 0 = padding row
     scale: float,
     *,
-    cpu_layout: cpu_decode.DecodeLayout | None = None,
+    cpu_layouts: list[cpu_sparse.RowLayout] | None = None,
 ) -> torch.Tensor:
     """One query per sequence over its cached context, reading K/V in place. Returns (B, H, D).
 
-    On CPU, pass the step's ``cpu_layout`` (shared by all layers); without it one is built here.
+    On CPU, pass the step's ``cpu_layouts`` (shared by all layers); without them they are built here.
     """
     if q.is_cuda:
         from attnserve.model.kernels import triton_decode  # Triton is needed (and present) only with CUDA
 
         return triton_decode.paged_decode_attention(q, layer_cache, block_tables, seq_lens, scale)
-    if q.dtype not in cpu_decode.SPARSE_DTYPES:
-        return cpu_decode.per_sequence_decode_attention(q, layer_cache, block_tables, seq_lens.tolist(), scale)
-    if cpu_layout is None:
+    if layer_cache.dtype not in cpu_sparse.SPARSE_DTYPES:
+        return cpu_sparse.per_sequence_decode_attention(q, layer_cache, block_tables, seq_lens.tolist(), scale)
+    if cpu_layouts is None:
         _, num_blocks, block_size, num_kv_heads, _ = layer_cache.shape
-        cpu_layout = cpu_decode.build_decode_layout(
-            block_tables,
-            seq_lens.tolist(),
+        cpu_layouts = cpu_sparse.build_row_layouts(
+            [cpu_sparse.QueryRows(t, n, 1) for t, n in zip(block_tables, seq_lens.tolist(), strict=True)],
             block_size=block_size,
             num_heads=q.shape[1],
             num_kv_heads=num_kv_heads,
             num_slots=num_blocks * block_size,
         )
-    return cpu_decode.sparse_decode_attention(q, layer_cache, cpu_layout, scale)
+    return cpu_sparse.sparse_attention(q, layer_cache, cpu_layouts, scale)
 
 
 def prefill_attention(

@@ -247,6 +247,24 @@ NAMED_CONFIGS: dict[str, ModelConfig] = {
         eos_token_ids=(2,),
         name="tiny",
     ),
+    # The default model's widths (so the linears and attention take the kernels a real model
+    # takes) with two layers and a small vocabulary: the batch-invariance tests' model.
+    "tiny-wide": ModelConfig(
+        architecture="llama",
+        vocab_size=512,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_layers=2,
+        num_heads=9,
+        num_kv_heads=3,
+        head_dim=64,
+        max_position_embeddings=1024,
+        rope_theta=100000.0,
+        tie_word_embeddings=True,
+        bos_token_id=1,
+        eos_token_ids=(2,),
+        name="tiny-wide",
+    ),
     "smollm2-135m": ModelConfig(
         architecture="llama",
         vocab_size=49152,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -22,31 +23,63 @@ from attnserve.model.kv_cache import KVCache
 from attnserve.model.rope import RotaryEmbedding, apply_rotary
 
 
-def _can_pack(weight: torch.Tensor) -> bool:
-    return weight.device.type == "cpu" and weight.dtype == torch.float32 and torch.backends.mkldnn.is_available()
+def packed_dtype(weight: torch.Tensor) -> torch.dtype | None:
+    """The dtype oneDNN computes this CPU weight's linear in, or None where it is not packed (CUDA).
+
+    float32 always; bfloat16 / float16 where this CPU has oneDNN kernels for them, else in
+    float32 from an upcast copy (exact inputs, float32 sums, the output rounded back).
+    """
+    if weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return None
+    if weight.dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        return torch.bfloat16
+    if weight.dtype == torch.float16 and torch.ops.mkldnn._is_mkldnn_fp16_supported():
+        return torch.float16
+    return torch.float32
 
 
-def _pack(weight: torch.Tensor) -> torch.Tensor:
-    # oneDNN's blocked layout for a weight, as torch.compile's CPU freezing uses. On this
-    # project's AVX2 CI machines it runs fp32 GEMV/GEMM about 1.6x faster than F.linear (MKL).
-    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 16)
+@dataclass
+class PackedWeight:
+    """A linear's weight (and bias) in oneDNN's blocked layout, as torch.compile's CPU freezing uses:
+    about 1.6x faster than F.linear (MKL) in float32 and 2x in bfloat16 on this project's machines."""
 
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    dtype: torch.dtype
 
-def _packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    @classmethod
+    def pack(cls, weight: torch.Tensor, bias: torch.Tensor | None) -> PackedWeight | None:
+        dtype = packed_dtype(weight)
+        if dtype is None:
+            return None
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(dtype), 16)
+        return cls(packed, None if bias is None else bias.detach().to(dtype), dtype)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x (M, in) -> (M, out), each row's sums in one order whatever M.
+
+        oneDNN runs one row (M = 1) through a GEMV kernel whose sums run in another order than
+        its GEMM kernels, which agree with each other for every M >= 2 (checked at start-up, see
+        model/invariance.py): a lone row is computed as the first of two.
+        """
+        rows = x.shape[0]
+        if rows == 1:
+            x = torch.cat([x, x])
+        y = torch.ops.mkldnn._linear_pointwise(x.to(self.dtype), self.weight, self.bias, "none", [], "")
+        return (y[:1] if rows == 1 else y).to(x.dtype)
 
 
 class Linear(nn.Linear):
-    """nn.Linear that runs on a oneDNN-packed copy of its weight once ``pack()`` is called (CPU fp32)."""
+    """nn.Linear that runs on a oneDNN-packed copy of its weight once ``pack()`` is called (CPU)."""
 
-    packed: torch.Tensor | None = None
+    packed: PackedWeight | None = None
 
     def pack(self) -> None:
-        self.packed = _pack(self.weight) if _can_pack(self.weight) else None
+        self.packed = PackedWeight.pack(self.weight, self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.packed is not None:
-            return _packed_linear(x, self.packed, self.bias)
+            return self.packed(x)
         return F.linear(x, self.weight, self.bias)
 
 
@@ -129,15 +162,15 @@ _FUSED_SHARDS = {
 class LlamaForCausalLM(nn.Module):
     """Decoder-only LM. ``forward(input_ids, positions, kv_cache, attn_metadata) -> logits``."""
 
+    _packed_head: PackedWeight | None = None  # the tied head, packed by prepare_for_inference()
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.lm_head = (
-            None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        )
+        self.lm_head = None if config.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rotary = RotaryEmbedding(config)
 
     @property
@@ -170,7 +203,7 @@ class LlamaForCausalLM(nn.Module):
         if self.lm_head is not None:
             return self.lm_head(x).float()  # (rows, vocab)
         if self._packed_head is not None:
-            return _packed_linear(x, self._packed_head, None).float()
+            return self._packed_head(x).float()
         return F.linear(x, self.embed_tokens.weight).float()
 
     def attention_weights(
@@ -186,8 +219,7 @@ class LlamaForCausalLM(nn.Module):
         for module in self.modules():
             if isinstance(module, Linear):
                 module.pack()
-        tied = self.lm_head is None and _can_pack(self.embed_tokens.weight)
-        self._packed_head = _pack(self.embed_tokens.weight) if tied else None
+        self._packed_head = None if self.lm_head is not None else PackedWeight.pack(self.embed_tokens.weight, None)
         return self
 
     # ------------------------------------------------------------------ weights

@@ -165,6 +165,13 @@ def _engine_flags(g: argparse._ArgumentGroup) -> None:
         help="decode steps on static bucketed inputs, captured as CUDA graphs (auto: on CUDA only)",
     )
     g.add_argument(
+        "--batch-invariant",
+        choices=["on", "off"],
+        default="on",
+        help="on: a request's tokens never depend on its batch, chunking or the prefix cache (CPU); "
+        "off: faster prefill attention whose sums follow each chunk's shape",
+    )
+    g.add_argument(
         "--max-stream-backlog-tokens",
         type=int,
         default=_STREAM.max_backlog_tokens,
@@ -271,6 +278,7 @@ def _engine_config(a: argparse.Namespace) -> EngineConfig:
         ),
         max_model_len=a.max_model_len,
         graph_decode={"auto": None, "on": True, "off": False}[a.graph_decode],
+        batch_invariant=a.batch_invariant == "on",
     )
 
 

@@ -197,6 +197,8 @@ def server_info_response(info: ServerInfo) -> pb.GetServerInfoResponse:
     e, limits, load, d = info.engine, info.limits, info.load, info.defaults
     return pb.GetServerInfoResponse(
         version=info.version,
+        batch_invariant=e.batch_invariant,
+        determinism=e.determinism,
         model=e.model_name,
         limits=pb.ServerLimits(
             context_length=e.context_length,

@@ -143,10 +143,16 @@ def create_app(door: HttpDoor, *, explorer: bool = True) -> FastAPI:
     @app.get("/v1/models")
     async def models() -> Response:
         try:
-            name = door.service.info().model_name
+            info = door.service.info()
         except ServiceError as error:
             return service_error_response(error)
-        card = {"id": name, "object": "model", "created": door.created, "owned_by": "attnserve"}
+        card = {
+            "id": info.model_name,
+            "object": "model",
+            "created": door.created,
+            "owned_by": "attnserve",
+            "batch_invariant": info.batch_invariant,  # extension: see GetServerInfo.determinism
+        }
         return JSONResponse({"object": "list", "data": [card]})
 
     @app.post("/v1/completions")

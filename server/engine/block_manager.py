@@ -3,8 +3,11 @@
 Plain Python. The runner owns the physical tensors; this class only decides which
 block numbers each request's tokens live in (its ``block_table``).
 
-Prefix caching: once a block is full, it is registered under a hash of its tokens
-chained with the hash of the block before it, so the hash names the whole prefix.
+Prefix caching: once a block is full, it is registered under a SHA-256 of its tokens
+chained with the key of the block before it, so the key names the whole prefix; the
+chain starts from a salt naming everything else that changes a block's K/V (model,
+dtype). Every hit is also checked against the tokens the block holds, so not even a
+hash collision can hand one request another's KV.
 A new request whose prompt starts with registered blocks shares them (reference
 count + 1) instead of recomputing them. A block whose count drops to zero goes to
 the tail of the free list but keeps its hash, so it can still be hit until it is
@@ -13,6 +16,8 @@ reallocated (LRU eviction from the head).
 
 from __future__ import annotations
 
+import hashlib
+from array import array
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,32 +25,39 @@ from dataclasses import dataclass
 from attnserve.server.engine.request import Request
 
 
-class NoFreeBlocksError(RuntimeError):
-    pass
-
-
 @dataclass
 class Block:
     block_id: int
     ref_count: int = 0
-    block_hash: int | None = None
+    block_hash: bytes | None = None
+    token_ids: tuple[int, ...] = ()  # the tokens whose K/V it holds, while it has a hash
 
 
-def chain_hash(parent: int | None, token_ids: Sequence[int]) -> int:
-    return hash((parent, tuple(token_ids)))
+def chain_hash(parent: bytes, token_ids: Sequence[int]) -> bytes:
+    """The key of a full block: SHA-256 over the previous block's key (or the salt) and its tokens.
+
+    Python's ``hash`` of ints and tuples is neither randomised nor collision-resistant, so a
+    crafted prompt could collide with another client's prefix; a cryptographic hash cannot
+    be steered, and the token check on every hit covers the accidental case too.
+    """
+    return hashlib.sha256(parent + array("q", token_ids).tobytes()).digest()
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, *, enable_prefix_caching: bool = True) -> None:
+    def __init__(
+        self, num_blocks: int, block_size: int, *, enable_prefix_caching: bool = True, cache_salt: bytes = b""
+    ) -> None:
         if num_blocks <= 0 or block_size <= 0:
             raise ValueError(f"num_blocks and block_size must be > 0, got {num_blocks} and {block_size}")
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
+        # The root of every chain: what else, besides the tokens, decides a block's K/V.
+        self.root_key = hashlib.sha256(b"attnserve-kv-v1\0" + cache_salt).digest()
         self.blocks = [Block(i) for i in range(num_blocks)]
         self._free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))  # head = evict first
-        self._cached: dict[int, int] = {}  # block hash -> block id
-        self._hashes: dict[str, list[int]] = {}  # request id -> hashes of its full blocks
+        self._cached: dict[bytes, int] = {}  # block key -> block id
+        self._hashes: dict[str, list[bytes]] = {}  # request id -> hashes of its full blocks
         self.num_prefix_queries = 0  # prompt tokens looked up in the prefix cache
         self.num_prefix_hits = 0  # of which were found
 
@@ -74,13 +86,14 @@ class BlockManager:
             return 0
         tokens = request.all_token_ids
         max_blocks = (len(tokens) - 1) // self.block_size
-        parent: int | None = None
+        parent = self.root_key
         hits: list[int] = []
         for i in range(max_blocks):
-            parent = chain_hash(parent, tokens[i * self.block_size : (i + 1) * self.block_size])
+            block_tokens = tokens[i * self.block_size : (i + 1) * self.block_size]
+            parent = chain_hash(parent, block_tokens)
             block_id = self._cached.get(parent)
-            if block_id is None:
-                break
+            if block_id is None or self.blocks[block_id].token_ids != tuple(block_tokens):
+                break  # a miss, or a collision: the block holds other tokens
             hits.append(block_id)
         for block_id in hits:
             self._take(block_id)
@@ -111,12 +124,14 @@ class BlockManager:
         tokens = None
         for i in range(len(hashes), num_full):
             tokens = tokens or request.all_token_ids
-            parent = hashes[-1] if hashes else None
-            block_hash = chain_hash(parent, tokens[i * self.block_size : (i + 1) * self.block_size])
+            parent = hashes[-1] if hashes else self.root_key
+            block_tokens = tokens[i * self.block_size : (i + 1) * self.block_size]
+            block_hash = chain_hash(parent, block_tokens)
             hashes.append(block_hash)
             block = self.blocks[request.block_table[i]]
             if block.block_hash is None and block_hash not in self._cached:
                 block.block_hash = block_hash
+                block.token_ids = tuple(block_tokens)
                 self._cached[block_hash] = block.block_id
 
     def free(self, request: Request) -> None:
@@ -134,7 +149,7 @@ class BlockManager:
 
     def reset_prefix_cache(self) -> None:
         for block in self.blocks:
-            block.block_hash = None
+            block.block_hash, block.token_ids = None, ()
         self._cached.clear()
 
     # ------------------------------------------------------------------ helpers
@@ -149,4 +164,4 @@ class BlockManager:
         if block.block_hash is not None:
             if self._cached.get(block.block_hash) == block_id:
                 del self._cached[block.block_hash]
-            block.block_hash = None
+            block.block_hash, block.token_ids = None, ()

@@ -74,3 +74,6 @@ class EngineConfig:
     # Decode steps on static inputs padded to bucket sizes, captured as CUDA graphs.
     # None = on CUDA, off on CPU (where padding buys nothing; tests turn it on to check the path).
     graph_decode: bool | None = None
+    # Every reduction in one order per row whatever the batch, chunking or prefix cache (CPU).
+    # False takes the faster prefill attention whose result follows the chunk's shape.
+    batch_invariant: bool = True

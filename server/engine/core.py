@@ -18,6 +18,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 
+from attnserve.model.invariance import linear_row_invariance_failures
 from attnserve.model.loader import LoadedModel
 from attnserve.server.engine.block_manager import BlockManager
 from attnserve.server.engine.config import EngineConfig
@@ -121,7 +122,7 @@ class Engine:
         config = config or EngineConfig()
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
-        self.runner = ModelRunner(loaded.model, config.cache)
+        self.runner = ModelRunner(loaded.model, config.cache, batch_invariant=config.batch_invariant)
         capacity = self.runner.num_blocks * config.cache.block_size
         context = loaded.config.max_position_embeddings
         max_model_len = min(config.max_model_len or context, capacity, context)
@@ -130,7 +131,10 @@ class Engine:
         )
         self.config = dataclasses.replace(config, scheduler=sched_config, max_model_len=max_model_len)
         self.block_manager = BlockManager(
-            self.runner.num_blocks, config.cache.block_size, enable_prefix_caching=config.cache.enable_prefix_caching
+            self.runner.num_blocks,
+            config.cache.block_size,
+            enable_prefix_caching=config.cache.enable_prefix_caching,
+            cache_salt=f"{loaded.source}|{loaded.config.architecture}|{loaded.model.dtype}".encode(),
         )
         graph_decode = config.graph_decode if config.graph_decode is not None else self.runner.device.type == "cuda"
         if graph_decode:
@@ -147,6 +151,9 @@ class Engine:
         self.step_observers: list[Callable[[StepStats], None]] = []
         self.output_observers: list[Callable[[Request, RequestOutput], None]] = []
         self.last_progress = time.monotonic()
+        self.batch_invariant, self.determinism = _check_determinism(self.runner, enabled=config.batch_invariant)
+        if config.batch_invariant and not self.batch_invariant:
+            log.warning("not batch-invariant: %s", self.determinism)
 
     @property
     def max_model_len(self) -> int:
@@ -173,6 +180,8 @@ class Engine:
             max_num_waiting=sched.max_num_waiting,
             max_num_batched_tokens=sched.max_num_batched_tokens,
             max_stream_backlog_bytes=self.config.stream.max_backlog_bytes,
+            batch_invariant=self.batch_invariant,
+            determinism=self.determinism,
             generation_defaults=dict(self.loaded.generation_defaults),
         )
 
@@ -440,4 +449,19 @@ def merge_outputs(a: RequestOutput, b: RequestOutput) -> RequestOutput:
         usage=b.usage,
         timings=b.timings,
         error=b.error,
+    )
+
+
+def _check_determinism(runner: ModelRunner, *, enabled: bool) -> tuple[bool, str]:
+    """Whether this engine is batch-invariant, and why, in words (GetServerInfo, /v1/models)."""
+    if not enabled:
+        return False, "off (--batch-invariant off): prefill attention follows each chunk's shape"
+    if runner.device.type != "cpu":
+        return False, f"{runner.device.type}: the GPU kernels choose their reduction order by batch shape"
+    failures = linear_row_invariance_failures(runner.model)
+    if failures:
+        return False, "on this CPU a linear's rows change with the batch size: " + "; ".join(failures)
+    return True, (
+        f"cpu: every attention row reduced in one order over its own positions (K/V {runner.kv_dtype}), "
+        "linears checked row-invariant at start-up"
     )

@@ -42,8 +42,10 @@ class GraphDecode:
         max_blocks_per_seq: int,
         scratch_slot: int,
         capture: bool,
+        batch_invariant: bool = True,
     ) -> None:
         self.model, self.kv_cache, self.scratch_slot = model, kv_cache, scratch_slot
+        self.batch_invariant = batch_invariant
         self.buckets = decode_buckets(max_num_seqs)
         size, device, c = self.buckets[-1], model.device, model.config
         self.input_ids = torch.zeros(size, dtype=torch.long, device=device)
@@ -118,6 +120,7 @@ class GraphDecode:
             is_pure_decode=True,
             logits_indices=None,
             query_sink=self.queries[:, :size],
+            batch_invariant=self.batch_invariant,
         )
 
     def _forward(self, size: int, seq_lens_host: list[int]) -> torch.Tensor:

@@ -11,7 +11,7 @@ import itertools
 
 import torch
 
-from attnserve.model.attention import AttentionMetadata
+from attnserve.model.attention import AttentionMetadata, kv_cache_dtype
 from attnserve.model.kv_cache import KVCache, kv_cache_bytes_per_block
 from attnserve.model.llama import LlamaForCausalLM
 from attnserve.model.sampling import SamplingTensors, fetch_sampled, sample, step_generator
@@ -32,17 +32,19 @@ def kv_cache_budget(config: CacheConfig, device: torch.device) -> int:
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaForCausalLM, cache_config: CacheConfig) -> None:
+    def __init__(self, model: LlamaForCausalLM, cache_config: CacheConfig, *, batch_invariant: bool = True) -> None:
         self.model = model
         self.device = model.device
         self.block_size = cache_config.block_size
-        per_block = kv_cache_bytes_per_block(model.config, self.block_size, model.dtype)
+        self.batch_invariant = batch_invariant
+        self.kv_dtype = kv_cache_dtype(model.dtype, self.device, batch_invariant=batch_invariant)
+        per_block = kv_cache_bytes_per_block(model.config, self.block_size, self.kv_dtype)
         num_blocks = kv_cache_budget(cache_config, self.device) // per_block - 1
         if num_blocks < 1:
             raise ValueError(f"the KV cache budget does not hold two blocks ({per_block} bytes each)")
         # One block more than the block manager hands out: padding rows of a static decode write there.
         self.kv_cache = KVCache.allocate(
-            model.config, num_blocks=num_blocks + 1, block_size=self.block_size, dtype=model.dtype, device=self.device
+            model.config, num_blocks=num_blocks + 1, block_size=self.block_size, dtype=self.kv_dtype, device=self.device
         )
         self.scratch_slot = num_blocks * self.block_size
         self.block_tables = BlockTableRows()
@@ -62,6 +64,7 @@ class ModelRunner:
             max_blocks_per_seq=-(-max_model_len // self.block_size),
             scratch_slot=self.scratch_slot,
             capture=self.device.type == "cuda",
+            batch_invariant=self.batch_invariant,
         )
 
     @torch.inference_mode()
@@ -88,6 +91,7 @@ class ModelRunner:
             attention_rows={i: _capture_range(items[i], due) for i, due in attention.items()},
             table_rows=self.block_tables.rows(items),
             token_ids=[t for item in items for t in item.token_ids],
+            batch_invariant=self.batch_invariant,
         )
         input_ids = meta.input_ids
         assert input_ids is not None

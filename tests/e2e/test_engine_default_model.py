@@ -1,10 +1,13 @@
-"""Batch invariance on the real default model (float32, CPU)."""
+"""Batch invariance on the real default model, float32 and bfloat16 (CPU), whatever the CPU's flags."""
 
 from __future__ import annotations
 
-import pytest
+from pathlib import Path
 
-from attnserve.model.loader import LoadedModel
+import pytest
+import torch
+
+from attnserve.model.loader import load_model
 from attnserve.server.engine.request import SamplingParams
 from tests.server.engine_utils import make_engine, run_alone, run_together
 
@@ -46,16 +49,22 @@ QUESTIONS = [
 
 @pytest.mark.e2e
 @pytest.mark.xdist_group("smollm")
-def test_batch_invariance_default_model(smollm_f32: LoadedModel) -> None:
-    tok = smollm_f32.tokenizer
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_batch_invariance_default_model(default_gguf: Path, dtype: torch.dtype) -> None:
+    """32 chat prompts x 48 greedy tokens: all at once, then one by one. A 64-token budget chunks
+    the prompts differently in the two runs, and the alone run reads the chat template's
+    shared prefix from the prefix cache."""
+    loaded = load_model(default_gguf, dtype=dtype)
+    tok = loaded.tokenizer
     prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": q}])) for q in QUESTIONS]
     assert len(prompts) == 32
     params = SamplingParams(max_tokens=48, ignore_eos=True)
-    engine = make_engine(smollm_f32, kv_cache_memory=512 << 20)
+    engine = make_engine(loaded, kv_cache_memory=512 << 20, max_num_batched_tokens=64)
     try:
         together = run_together(engine, prompts, params)
         engine.block_manager.reset_prefix_cache()
         alone = run_alone(engine, prompts, params)
+        assert engine.block_manager.num_prefix_hits > 0
     finally:
         engine.shutdown(5)
     assert all(len(o.token_ids) == 48 for o in together)

@@ -12,7 +12,7 @@ from attnserve.model.attention import (
     paged_attention,
     paged_decode_attention,
 )
-from attnserve.model.kernels import cpu_decode
+from attnserve.model.kernels import cpu_sparse
 from attnserve.model.kernels.gather import context_kv
 from tests.helpers import random_paged_cache, reference_paged_attention
 
@@ -55,31 +55,44 @@ def test_decode_result_does_not_depend_on_the_batch() -> None:
     scale = 0.125
 
     def run(rows: list[int]) -> torch.Tensor:
-        layout = cpu_decode.build_decode_layout(
-            tables[rows],
-            [lens[r] for r in rows],
+        layouts = cpu_sparse.build_row_layouts(
+            [cpu_sparse.QueryRows(tables[r], lens[r], 1) for r in rows],
             block_size=16,
             num_heads=q.shape[1],
             num_kv_heads=2,
             num_slots=cache.shape[1] * 16,
         )
-        return cpu_decode.sparse_decode_attention(q[rows], cache, layout, scale)
+        return cpu_sparse.sparse_attention(q[rows], cache, layouts, scale)
 
     alone = run([0])[0]
     assert torch.equal(run([2, 1, 0, 4])[2], alone)
     assert torch.equal(run([3, 0])[1], alone)
 
 
-@pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float32, 2e-6), (torch.bfloat16, 3e-2)])
-def test_prefill_chunks_and_decode_rows_in_one_step_match_reference(dtype: torch.dtype, tolerance: float) -> None:
+@pytest.mark.parametrize(
+    ("dtype", "cache_dtype", "batch_invariant", "tolerance"),
+    [
+        (torch.float32, torch.float32, True, 2e-6),
+        (torch.bfloat16, torch.float32, True, 3e-2),  # the invariant path keeps K/V in float32
+        (torch.float32, torch.float32, False, 2e-6),
+        (torch.bfloat16, torch.bfloat16, False, 3e-2),
+    ],
+)
+def test_prefill_chunks_and_decode_rows_in_one_step_match_reference(
+    dtype: torch.dtype, cache_dtype: torch.dtype, batch_invariant: bool, tolerance: float
+) -> None:
     """Fresh chunks, chunks continuing cached history, and decode rows interleaved in one batch."""
     block_size, num_heads, num_kv_heads, head_dim = 8, 6, 2, 32
     seq_lens, query_lens = [12, 30, 1 + 17, 9, 40], [12, 7, 1, 9, 1]
     cache, tables = random_paged_cache(
-        seq_lens, block_size=block_size, num_kv_heads=num_kv_heads, head_dim=head_dim, dtype=dtype
+        seq_lens, block_size=block_size, num_kv_heads=num_kv_heads, head_dim=head_dim, dtype=cache_dtype
     )
     meta = AttentionMetadata.build(
-        block_tables=tables.tolist(), seq_lens=seq_lens, query_lens=query_lens, block_size=block_size
+        block_tables=tables.tolist(),
+        seq_lens=seq_lens,
+        query_lens=query_lens,
+        block_size=block_size,
+        batch_invariant=batch_invariant,
     )
     gen = torch.Generator().manual_seed(3)
     num_rows = sum(query_lens)
@@ -92,6 +105,44 @@ def test_prefill_chunks_and_decode_rows_in_one_step_match_reference(dtype: torch
         expected = reference_paged_attention(q[start : start + n], cache, tables[i], seq_len, head_dim**-0.5)
         assert (out[start : start + n].double() - expected).abs().max().item() <= tolerance, f"sequence {i}"
         start += n
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_a_query_row_is_the_same_bits_however_its_prompt_is_split_or_batched(dtype: torch.dtype) -> None:
+    """One 50-token prompt: whole, in chunks of 7, one token at a time (decode rows), and its last
+    chunk batched among other sequences' chunks and decode rows: every row bit for bit the same."""
+    block_size, num_heads, num_kv_heads, head_dim, length = 8, 9, 3, 64, 50
+    gen = torch.Generator().manual_seed(7)
+    q = torch.randn(length, num_heads, head_dim, generator=gen).to(dtype)
+    k = torch.randn(length, num_kv_heads, head_dim, generator=gen).to(dtype)
+    v = torch.randn(length, num_kv_heads, head_dim, generator=gen).to(dtype)
+    table = list(range(20, 27))
+    other_q = torch.randn(40, num_heads, head_dim, generator=gen).to(dtype)
+    other_kv = torch.randn(2, 40, num_kv_heads, head_dim, generator=gen).to(dtype)
+
+    def run(splits: list[int], *, others: bool = False) -> torch.Tensor:
+        cache = torch.zeros(2, 40, block_size, num_kv_heads, head_dim)  # float32: the invariant path's K/V
+        outs, done = [], 0
+        for n in splits:
+            tables, seq_lens, query_lens = [table], [done + n], [n]
+            qs, ks, vs = [q[done : done + n]], [k[done : done + n]], [v[done : done + n]]
+            if others:  # a fresh 33-token chunk before it, a decode row after it
+                tables, seq_lens, query_lens = [[1, 2, 3, 4, 5], table, [9, 10]], [33, done + n, 12], [33, n, 1]
+                qs = [other_q[:33], *qs, other_q[33:34]]
+                ks = [other_kv[0, :33], *ks, other_kv[0, 33:34]]
+                vs = [other_kv[1, :33], *vs, other_kv[1, 33:34]]
+            meta = AttentionMetadata.build(
+                block_tables=tables, seq_lens=seq_lens, query_lens=query_lens, block_size=block_size
+            )
+            out = paged_attention(torch.cat(qs), torch.cat(ks), torch.cat(vs), cache, meta, layer_index=0, scale=0.125)
+            outs.append(out[33 : 33 + n] if others else out)
+            done += n
+        return torch.cat(outs)
+
+    whole = run([length])
+    assert torch.equal(run([7] * 7 + [1]), whole)
+    assert torch.equal(run([1] * length), whole)
+    assert torch.equal(run([20, 17, 13], others=True), whole)
 
 
 @pytest.mark.parametrize(("start", "num_queries"), [(0, 1), (0, 13), (21, 1), (21, 6)])

@@ -21,6 +21,7 @@ def make_engine(
     max_num_batched_tokens: int = 512,
     max_num_waiting: int = 256,
     enable_prefix_caching: bool = True,
+    batch_invariant: bool = True,
     start: bool = True,
 ) -> Engine:
     config = EngineConfig(
@@ -30,6 +31,7 @@ def make_engine(
         cache=CacheConfig(
             block_size=block_size, kv_cache_memory=kv_cache_memory, enable_prefix_caching=enable_prefix_caching
         ),
+        batch_invariant=batch_invariant,
     )
     engine = Engine(loaded, config)
     return engine.start() if start else engine

@@ -111,6 +111,9 @@ def test_server_info_reports_version_limits_load_and_capacity(client: Client) ->
     assert info.load.kv_cache_free_blocks == info.kv_cache_blocks - round(
         info.load.kv_cache_usage * info.kv_cache_blocks
     )
+    # The default CPU path, and the start-up check of the linears passed on this machine.
+    assert info.batch_invariant, info.determinism
+    assert "checked row-invariant at start-up" in info.determinism
 
 
 @pytest.fixture(scope="module")

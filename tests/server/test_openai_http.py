@@ -75,7 +75,8 @@ def row_array(row: dict[str, Any]) -> np.ndarray:
 # ---------------------------------------------------------------- the SDK, sync
 def test_models_and_a_sync_completion_with_logprobs(server: ServerProcess) -> None:
     client = sdk(server)
-    assert [m.id for m in client.models.list()] == ["tiny"]
+    (card,) = client.models.list().data
+    assert card.id == "tiny" and card.model_extra == {"batch_invariant": True}
     reply = client.completions.create(
         model="tiny", prompt="Hello there", max_tokens=6, logprobs=2, extra_body=LONG, **GREEDY
     )

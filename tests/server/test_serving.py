@@ -34,6 +34,8 @@ INFO = EngineInfo(
     max_num_waiting=4,
     max_num_batched_tokens=64,
     max_stream_backlog_bytes=1 << 20,
+    batch_invariant=True,
+    determinism="stand-in",
 )
 
 

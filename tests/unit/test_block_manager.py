@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from attnserve.server.engine.block_manager import BlockManager
+import pytest
+
+from attnserve.server.engine import block_manager
+from attnserve.server.engine.block_manager import BlockManager, chain_hash
 from attnserve.server.engine.request import Request, SamplingParams
 
 
@@ -92,3 +95,24 @@ def test_cached_blocks_are_evicted_last_and_then_forgotten() -> None:
     assert bm._cached == {}
     bm.free(big)
     assert bm.match_prefix(req("h", [1, 2, 3, 4, 5])) == 0
+
+
+def test_prefix_keys_are_sha256_chained_from_a_salt() -> None:
+    a, b = BlockManager(8, 4, cache_salt=b"model-a|bf16"), BlockManager(8, 4, cache_salt=b"model-a|fp32")
+    tokens = list(range(8))
+    assert chain_hash(a.root_key, tokens[:4]) != chain_hash(b.root_key, tokens[:4])  # dtype changes K/V
+    key = chain_hash(a.root_key, tokens[:4])
+    assert len(key) == 32 and chain_hash(key, tokens[4:]) != chain_hash(a.root_key, tokens[4:])
+
+
+def test_a_forced_hash_collision_is_a_miss(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every key collides: the token check alone must keep the second prompt off the first's blocks."""
+    monkeypatch.setattr(block_manager, "chain_hash", lambda parent, token_ids: b"\0" * 32)
+    bm = BlockManager(num_blocks=10, block_size=4)
+    first = req("a", [1, 2, 3, 4, 5, 6, 7, 8, 9])
+    computed(bm, first, 9)
+    assert bm.blocks[first.block_table[0]].block_hash == b"\0" * 32  # registered under the colliding key
+    second = req("b", [10, 11, 12, 13, 14, 15, 16, 17, 18])
+    assert bm.match_prefix(second) == 0 and second.block_table == []
+    same = req("c", [1, 2, 3, 4, 99, 98, 97, 96, 95])
+    assert bm.match_prefix(same) == 4 and same.block_table == first.block_table[:1]  # true hits still hit
