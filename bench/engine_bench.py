@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from attnserve.model.fetch import default_model_path
-from attnserve.model.loader import load_model, parse_dtype
+from attnserve.model.loader import cpu_flags, load_model, parse_dtype
 from attnserve.server.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from attnserve.server.engine.core import build_engine
 from attnserve.server.engine.request import SamplingParams
@@ -30,16 +30,6 @@ from attnserve.server.engine.request import SamplingParams
 def make_prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
     gen = torch.Generator().manual_seed(seed)
     return [torch.randint(100, vocab - 100, (length,), generator=gen).tolist() for _ in range(n)]
-
-
-def cpu_flags() -> str:
-    """The CPU's vector extensions that decide the bf16 and fp32 kernels (recorded with every result)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text().split("flags", 1)[1].split("\n", 1)[0].split()
-    except (OSError, IndexError):
-        return "unknown"
-    wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile")
-    return " ".join(f for f in wanted if f in flags) or "no avx2"
 
 
 def bench_engine(

@@ -31,6 +31,16 @@ class LoadedModel:
     generation_defaults: dict[str, float] = field(default_factory=dict)  # sampling defaults the model ships
 
 
+def cpu_flags() -> str:
+    """The CPU's vector extensions that decide the bf16 and fp32 kernels (benchmarks record them)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split("flags", 1)[1].split("\n", 1)[0].split()
+    except (OSError, IndexError):
+        return "unknown"
+    wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile")
+    return " ".join(f for f in wanted if f in flags) or "no avx2"
+
+
 def cpu_supports_bf16() -> bool:
     """True when the CPU has native bf16 dot products (AVX512-BF16 or AMX)."""
     try:

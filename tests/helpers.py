@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from attnserve.model.attention import AttentionMetadata
+from attnserve.model.attention import AttentionMetadata, kv_cache_dtype
 from attnserve.model.kv_cache import KVCache
 from attnserve.model.llama import LlamaForCausalLM
 
@@ -29,7 +29,11 @@ def scattered_block_tables(lengths: Sequence[int], block_size: int) -> list[list
 def new_cache(model: LlamaForCausalLM, tables: Sequence[Sequence[int]], block_size: int) -> KVCache:
     num_blocks = 1 + max(b for t in tables for b in t)
     return KVCache.allocate(
-        model.config, num_blocks=num_blocks, block_size=block_size, dtype=model.dtype, device=model.device
+        model.config,
+        num_blocks=num_blocks,
+        block_size=block_size,
+        dtype=kv_cache_dtype(model.dtype, model.device, batch_invariant=True),
+        device=model.device,
     )
 
 

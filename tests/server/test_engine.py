@@ -12,6 +12,7 @@ import torch
 
 from attnserve.model.attention import AttentionMetadata
 from attnserve.model.loader import LoadedModel
+from attnserve.server.engine import block_manager
 from attnserve.server.engine.config import CacheConfig, EngineConfig, SchedulerConfig
 from attnserve.server.engine.core import Engine
 from attnserve.server.engine.errors import QueueFullError
@@ -298,3 +299,24 @@ def test_build_engine_loads_on_a_thread_that_is_gone_and_reraises_its_failure(ti
 
     with pytest.raises(FileNotFoundError, match=r"/nowhere\.gguf"):
         build_engine(broken, EngineConfig())
+
+
+def test_a_forced_prefix_hash_collision_never_hands_over_kv(tiny: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every block key collides: the second prompt must still get its own K/V and its own tokens."""
+    first, second = prompts(2, tiny.config.vocab_size, seed=11, lengths=(40, 41))
+    params = SamplingParams(max_tokens=16, ignore_eos=True)
+    clean = make_engine(tiny)
+    try:
+        expected = run_alone(clean, [second], params)[0].token_ids
+    finally:
+        clean.shutdown(5)
+    monkeypatch.setattr(block_manager, "chain_hash", lambda parent, token_ids: b"\x00" * 32)
+    engine = make_engine(tiny)
+    try:
+        run_alone(engine, [first], params)
+        hits = engine.block_manager.num_prefix_hits
+        got = run_alone(engine, [second], params)[0].token_ids
+        assert engine.block_manager.num_prefix_hits == hits, "a colliding key must not count as a hit"
+    finally:
+        engine.shutdown(5)
+    assert got == expected
