@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import replace
 
 import grpc
 
@@ -306,7 +307,7 @@ class GeneratorServicer(pb_grpc.GeneratorServiceServicer):
 
     async def Abort(self, request: pb.AbortRequest, context: grpc.aio.ServicerContext) -> pb.AbortResponse:
         try:
-            self.service.abort(request.request_id)
+            self.service.abort(request.request_id, caller=context.peer())
         except ServiceError as error:
             await abort_with(context, error)
         return pb.AbortResponse()
@@ -315,8 +316,9 @@ class GeneratorServicer(pb_grpc.GeneratorServiceServicer):
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext, *, whole_response: bool
     ) -> AsyncIterator[CompletionDelta]:
         try:
+            checked = replace(generation_request(request), caller=context.peer())
             async for delta in self.service.generate(
-                generation_request(request), timeout_s=context.time_remaining(), whole_response=whole_response
+                checked, timeout_s=context.time_remaining(), whole_response=whole_response
             ):
                 yield delta
         except ServiceError as error:

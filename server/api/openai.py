@@ -23,6 +23,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from pydantic import BaseModel, ConfigDict
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from attnserve.server.api.errors import ErrorKind, ServiceError
 from attnserve.server.api.openai_schema import ChatBody, ChatMessageBody, CompletionBody
@@ -121,6 +122,17 @@ def create_app(door: HttpDoor, *, explorer: bool = True) -> FastAPI:
             return error_response(400, f"the body is not valid JSON: {detail} (at character {first['loc'][-1]})")
         param = ".".join(str(part) for part in first["loc"] if part != "body") or None
         return error_response(400, f"{param}: {first['msg']}" if param else first["msg"], param=param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        """Every other refusal FastAPI makes, in the OpenAI error shape too: unknown routes and
+        methods, and bodies it cannot parse (not UTF-8, or JSON nested past Python's recursion limit)."""
+        message = str(exc.detail)
+        if message == "There was an error parsing the body":
+            message = "the body could not be parsed: send UTF-8 JSON nested at most a few hundred levels deep"
+        return error_response(
+            exc.status_code, message, code={404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        )
 
     @app.middleware("http")
     async def bearer_token(request: Request, call_next: Callable[[Request], Any]) -> Response:

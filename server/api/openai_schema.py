@@ -9,16 +9,23 @@ Known OpenAI features this server does not implement are refused (400), never ig
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from attnserve.server.api.validation import AttentionSpec, ChatTurn, FieldError, GenerationRequest
 
+# Integer fields hold exactly what their gRPC twins can (proto types in generate.proto): a value
+# outside is a 400 naming the field here, as it is an INVALID_ARGUMENT there.
+UInt32 = Annotated[int, Field(ge=0, lt=1 << 32)]
+Int32 = Annotated[int, Field(ge=-(1 << 31), lt=1 << 31)]
+UInt64 = Annotated[int, Field(ge=0, lt=1 << 64)]
+Int64 = Annotated[int, Field(ge=-(1 << 63), lt=1 << 63)]
+
 
 class AttentionBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    layers: list[int]
+    layers: list[Int32]
     head_reduction: Literal["none", "mean", "max"] | None = None
     include_prompt: bool = False
     dtype: Literal["float16", "float32"] | None = None
@@ -48,11 +55,11 @@ class _Common(BaseModel):
     model_config = ConfigDict(extra="allow")  # other OpenAI fields at their defaults are harmless
 
     model: str | None = None
-    max_tokens: int | None = None
+    max_tokens: UInt32 | None = None
     temperature: float | None = None
     top_p: float | None = None
-    n: int | None = None
-    seed: int | None = None
+    n: UInt32 | None = None
+    seed: UInt64 | None = None
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -61,13 +68,13 @@ class _Common(BaseModel):
     presence_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
     # Extensions (extra_body).
-    top_k: int | None = None
+    top_k: Int32 | None = None
     min_p: float | None = None
     repetition_penalty: float | None = None
     ignore_eos: bool = False
-    stop_token_ids: list[int] | None = None
-    prompt_logprobs: int | None = None
-    priority: int = 0
+    stop_token_ids: list[Int64] | None = None
+    prompt_logprobs: UInt32 | None = None
+    priority: Int32 = 0
     attention: AttentionBody | None = None
     return_token_ids: bool = False  # vLLM's name: each choice (and chunk) also carries its token_ids
 
@@ -109,8 +116,8 @@ class _Common(BaseModel):
 
 
 class CompletionBody(_Common):
-    prompt: str | list[int] | list[str] | list[list[int]]
-    logprobs: int | None = Field(default=None, ge=0)
+    prompt: str | list[Int64] | list[str] | list[list[Int64]]
+    logprobs: UInt32 | None = None
     echo: bool = False
     best_of: int | None = None
 
@@ -137,9 +144,9 @@ class CompletionBody(_Common):
 
 class ChatBody(_Common):
     messages: list[ChatMessageBody]
-    max_completion_tokens: int | None = None
+    max_completion_tokens: UInt32 | None = None
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: UInt32 | None = None
 
     def to_request(self) -> GenerationRequest | list[FieldError]:
         errors = self.unsupported()

@@ -35,13 +35,13 @@ from attnserve.server.api.validation import (
     ServingRules,
     attention_shape,
     check_messages,
-    check_text_size,
+    check_text,
     fit_prompt,
     validate,
 )
 from attnserve.server.engine.outputs import RequestOutput, Timings, Usage
 from attnserve.server.engine.records import EngineInfo, EngineStats
-from attnserve.server.engine.request import FinishReason, SamplingParams
+from attnserve.server.engine.request import DEADLINE_SLACK_S, FinishReason, SamplingParams
 
 if TYPE_CHECKING:
     from attnserve.server.engine.core import Engine, RequestStream
@@ -85,7 +85,7 @@ class GenerationService:
         self._engine: Engine | None = None
         self._rules: ServingRules | None = None
         self.attention_budget = AttentionBudget(self.limits.attention_memory_budget)
-        self._in_flight: dict[str, list[str]] = {}  # request id -> its completions' engine ids
+        self._in_flight: dict[str, _InFlight] = {}  # request id -> its caller and completions
         # Templating and tokenizing run here, never on the event loop: a long prompt must not
         # stall the other streams or the health check.
         self._tokenizers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="attnserve-tokenize")
@@ -138,11 +138,12 @@ class GenerationService:
         try:
             checked = self._check(request)
             prompt_ids = await self._build_prompt(checked.prompt)
+            outcome.prompt_tokens = len(prompt_ids)
             params = fit_prompt(checked, len(prompt_ids), self.rules, whole_response=whole_response)
             if isinstance(params, list):
                 raise RequestInvalid(params)
             reserved = self._reserve_attention(params, len(prompt_ids), checked.n, whole_response)
-            streams = self._admit(request_id, prompt_ids, params, checked, timeout_s)
+            streams = self._admit(request_id, request.caller, prompt_ids, params, checked, timeout_s)
             outcome.submitted = True
             async with contextlib.aclosing(_merge(request_id, streams, len(prompt_ids))) as deltas:
                 async for delta in deltas:  # closed however this generator ends: the streams abort at once
@@ -150,7 +151,9 @@ class GenerationService:
                     _raise_if_cut_short(request_id, delta.output)
                     yield delta
         except asyncio.CancelledError:  # the client went away: leaving the streams aborted the request
-            outcome.log("CANCELLED")
+            # gRPC cancels the handler when the client's deadline passes: that is a deadline, not a cancel.
+            late = timeout_s is not None and time.monotonic() - started >= timeout_s - DEADLINE_SLACK_S
+            outcome.log("DEADLINE_EXCEEDED" if late else "CANCELLED")
             raise
         except Exception as exc:
             error = service_error(exc)
@@ -207,6 +210,7 @@ class GenerationService:
     def _admit(
         self,
         request_id: str,
+        caller: str,
         prompt_ids: list[int],
         params: SamplingParams,
         checked: CheckedRequest,
@@ -216,7 +220,7 @@ class GenerationService:
             raise ServiceError(ErrorKind.ALREADY_EXISTS, f"request_id: {request_id!r} is already in flight")
         engine, n = self.engine, checked.n
         ids = [request_id] if n == 1 else [f"{request_id}#{i}" for i in range(n)]
-        self._in_flight[request_id] = ids
+        self._in_flight[request_id] = _InFlight(caller, ids)
         streams: list[RequestStream] = []
         try:
             for i, engine_id in enumerate(ids):
@@ -238,19 +242,22 @@ class GenerationService:
         return streams
 
     # -------------------------------------------------------------- the rest
-    def abort(self, request_id: str) -> None:
-        """End a request in flight (every completion). Raises ServiceError NOT_FOUND if there is none."""
-        ids = self._in_flight.get(request_id)
-        if ids is None:
-            raise ServiceError(ErrorKind.NOT_FOUND, f"request_id: no request {request_id!r} is in flight")
-        for engine_id in ids:
+    def abort(self, request_id: str, caller: str) -> None:
+        """End a request in flight (every completion) that ``caller`` sent. Raises ServiceError NOT_FOUND
+        if there is none: another caller's request is not there for this one, and is not revealed."""
+        entry = self._in_flight.get(request_id)
+        if entry is None or entry.caller != caller:
+            raise ServiceError(
+                ErrorKind.NOT_FOUND, f"request_id: no request {request_id!r} of this caller is in flight"
+            )
+        for engine_id in entry.engine_ids:
             self.engine.abort(engine_id, FinishReason.ABORT)
 
     async def tokenize(self, prompt: Prompt) -> list[int]:
         """The ids Generate would use for this prompt (same helper, same special tokens)."""
         try:
             errors = check_messages(prompt.messages) if prompt.kind == "messages" else []
-            if errors or (errors := check_text_size(prompt, self.rules.facts)):
+            if errors or (errors := check_text(prompt, self.rules.facts)):
                 raise RequestInvalid(errors)
             return await self._build_prompt(prompt)
         except Exception as exc:
@@ -360,6 +367,12 @@ def _totals(finished: list[RequestOutput], num_prompt_tokens: int) -> tuple[Usag
     )
 
 
+@dataclass(frozen=True)
+class _InFlight:
+    caller: str
+    engine_ids: list[str]
+
+
 class _Outcome:
     """What one line of log needs about a request."""
 
@@ -369,8 +382,11 @@ class _Outcome:
         self.finish: str = "-"
         self.usage: Usage | None = None
         self.ttft_s: float | None = None
+        self.prompt_tokens: int | None = None  # known once tokenized
+        self.completion_tokens = 0  # delivered so far: what a request cut short did generate
 
     def record(self, delta: CompletionDelta) -> None:
+        self.completion_tokens += len(delta.output.token_ids)
         if delta.output.finish_reason is not None:
             self.finish = delta.output.finish_reason.value
         if delta.usage is not None:
@@ -382,15 +398,25 @@ class _Outcome:
         log.info(
             "request_id=%s status=%s finish=%s prompt_tokens=%s completion_tokens=%s cached_tokens=%s "
             "ttft_s=%s total_s=%.3f",
-            self.request_id,
+            log_safe(self.request_id),  # a refused id is logged too: it must not end or fake a line
             status,
             self.finish,
-            u.prompt_tokens if u else "-",
-            u.completion_tokens if u else "-",
+            u.prompt_tokens if u else (self.prompt_tokens if self.prompt_tokens is not None else "-"),
+            u.completion_tokens if u else self.completion_tokens,
             u.cached_tokens if u else "-",
             f"{self.ttft_s:.3f}" if self.ttft_s is not None else "-",
             time.monotonic() - self.started,
         )
+
+
+def log_safe(text: str) -> str:
+    """``text`` with everything but printable non-space ASCII escaped (backslash included), so a
+    caller's string can neither break a log line nor pass for another field."""
+    return "".join(c if "!" <= c <= "~" and c != "\\" else _escape(c) for c in text)
+
+
+def _escape(c: str) -> str:
+    return f"\\x{ord(c):02x}" if ord(c) < 256 else f"\\u{ord(c):04x}" if ord(c) < 65536 else f"\\U{ord(c):08x}"
 
 
 def _version() -> str:

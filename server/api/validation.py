@@ -16,6 +16,7 @@ wire names (gRPC ``sampling.temperature``, HTTP ``temperature``) and picks the s
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 
@@ -133,6 +134,9 @@ class GenerationRequest:
     attention: AttentionSpec | None = None
     n: int | None = None
     priority: int = 0
+    # Who sent it, as the door knows the sender (the gRPC door: its connection): only the
+    # same caller may Abort it. Not a field of any wire message.
+    caller: str = ""
 
 
 @dataclass(frozen=True)
@@ -292,6 +296,11 @@ def _check_response_size(
 Check = Callable[[GenerationRequest, ServingRules, _Errors], None]
 
 
+# Request ids are written into the one-line-per-request log: printable ASCII without spaces, so
+# no id can end a line, start a forged one, or carry terminal escapes.
+_SAFE_ID = re.compile(r"[\x21-\x7e]*")
+
+
 def _check_identity(r: GenerationRequest, rules: ServingRules, e: _Errors) -> None:
     name, limit = rules.facts.model_name, rules.limits.max_request_id_chars
     e.check(
@@ -306,6 +315,13 @@ def _check_identity(r: GenerationRequest, rules: ServingRules, e: _Errors) -> No
         len(r.request_id),
         f"{len(r.request_id)} characters; the limit is {limit}",
     )
+    if len(r.request_id) <= limit:
+        e.check(
+            _SAFE_ID.fullmatch(r.request_id) is not None,
+            "request_id",
+            r.request_id.encode("ascii", "backslashreplace").decode()[:64],
+            "may hold only printable ASCII characters without spaces (0x21-0x7E)",
+        )
 
 
 def _check_input(r: GenerationRequest, rules: ServingRules, e: _Errors) -> None:
@@ -316,10 +332,10 @@ def _check_input(r: GenerationRequest, rules: ServingRules, e: _Errors) -> None:
     facts = rules.facts
     if r.prompt is not None:
         e.check(bool(r.prompt), "prompt", "", "must not be empty")
-        e.items.extend(check_text_size(Prompt("prompt", text=r.prompt), facts))
+        e.items.extend(check_text(Prompt("prompt", text=r.prompt), facts))
     elif r.messages is not None:
         errors = check_messages(r.messages)
-        e.items.extend(errors or check_text_size(Prompt("messages", messages=tuple(r.messages)), facts))
+        e.items.extend(errors or check_text(Prompt("messages", messages=tuple(r.messages)), facts))
     else:
         ids = r.token_ids or ()
         e.check(bool(ids), "token_ids", [], "must not be empty")
@@ -329,6 +345,32 @@ def _check_input(r: GenerationRequest, rules: ServingRules, e: _Errors) -> None:
             )
         else:
             e.items.extend(_check_vocab("token_ids", ids, facts.vocab_size))
+
+
+def check_text(prompt: Prompt, facts: EngineInfo) -> list[FieldError]:
+    """A prompt's text (or messages) before any templating or tokenizing: its size, then its Unicode."""
+    errors = check_text_size(prompt, facts)
+    if errors:
+        return errors
+    texts = [(prompt.kind, prompt.text or "")] + [
+        (f"messages[{i}].content", m.content) for i, m in enumerate(prompt.messages)
+    ]
+    return [error for name, text in texts if (error := unicode_error(name, text)) is not None]
+
+
+def unicode_error(name: str, text: str) -> FieldError | None:
+    """A lone UTF-16 surrogate (valid in JSON's \\u escapes, not in Unicode text) would reach the
+    tokenizer, which cannot encode it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return FieldError(
+            name,
+            f"character {exc.start}",
+            f"holds a lone UTF-16 surrogate (U+{ord(text[exc.start]):04X}) at character {exc.start}: "
+            "text must be valid Unicode",
+        )
+    return None
 
 
 def check_text_size(prompt: Prompt, facts: EngineInfo) -> list[FieldError]:
@@ -402,6 +444,8 @@ def _check_stopping(r: GenerationRequest, rules: ServingRules, e: _Errors) -> No
             len(stop),
             f"must have 1 to {limits.max_stop_string_chars} characters, has {len(stop)}",
         )
+        if (error := unicode_error(f"stop[{i}]", stop)) is not None:
+            e.items.append(error)
     e.items.extend(_check_vocab("stop_token_ids", r.stop_token_ids, rules.facts.vocab_size))
 
 

@@ -32,12 +32,11 @@ from attnserve.server.engine.records import (
     SchedulerOutput,
     StepStats,
 )
-from attnserve.server.engine.request import FinishReason, Request, SamplingParams
+from attnserve.server.engine.request import DEADLINE_SLACK_S, FinishReason, Request, SamplingParams
 from attnserve.server.engine.runner import ModelRunner
 from attnserve.server.engine.scheduler import Scheduler
 
 log = logging.getLogger("attnserve.engine")
-DEADLINE_SLACK_S = 0.05
 
 
 def build_engine(load: Callable[[], LoadedModel], config: EngineConfig) -> Engine:

@@ -24,6 +24,11 @@ class RequestStatus(enum.Enum):
         return self.value.startswith("finished")
 
 
+# gRPC cancels a handler when the client's deadline passes, a hair before our own copy of that
+# deadline: a cancel this close to it counts as a deadline.
+DEADLINE_SLACK_S = 0.05
+
+
 class FinishReason(enum.Enum):
     STOP = "stop"
     LENGTH = "length"

@@ -76,10 +76,13 @@ def test_prompt_logprobs_score_every_prompt_token_after_the_first(client: Client
 def test_abort_ends_a_request_in_flight_with_aborted(client: Client, tiny_server: ServerProcess) -> None:
     stream = client.generate_stream("abort me", request_id="abort-me", max_tokens=900, ignore_eos=True)
     next(stream)
-    with Client(tiny_server.target, timeout=30) as other:
+    # Another connection (channels in one process share one unless told not to): not its request.
+    other = Client(tiny_server.target, timeout=30, options=[("grpc.use_local_subchannel_pool", 1)])
+    with other, pytest.raises(NotFoundError, match="abort-me"):
         other.abort("abort-me")
-        with pytest.raises(NotFoundError, match="no-such-request"):
-            other.abort("no-such-request")
+    with pytest.raises(NotFoundError, match="no-such-request"):
+        client.abort("no-such-request")
+    client.abort("abort-me")
     with pytest.raises(AbortedError, match="Abort"):
         for _ in stream:
             pass

@@ -8,6 +8,11 @@ anywhere in a step flips a greedy token within a few steps.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -85,3 +90,20 @@ def test_same_prompt_cold_then_warm_prefix_cache(model: LoadedModel, budget: int
     finally:
         engine.shutdown(5)
     assert warm.token_ids == cold.token_ids
+
+
+@pytest.mark.slow
+def test_invariant_on_avx2_kernels_too() -> None:
+    """The same tests with torch and oneDNN held to AVX2, as on a CPU without AVX512 or native bf16
+    (bf16 linears then run in float32 from an upcast copy): both kernel families, on every machine."""
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    test = f"{Path(__file__)}::test_32_prompts_48_tokens_identical_alone_and_among_31_others"
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:xdist", "-p", "no:cacheprovider", test],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+    assert "4 passed" in done.stdout
