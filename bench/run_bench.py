@@ -28,6 +28,7 @@ from pathlib import Path
 
 from attnserve.client import bench
 from attnserve.model.fetch import default_model_path
+from attnserve.model.loader import cpu_flags, default_dtype
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -132,7 +133,16 @@ def offline_engine(model: str, dtype: str, concurrency: int, args: argparse.Name
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=str(default_model_path()))
-    p.add_argument("--dtype", default="float32", help="attnserve and transformers dtype (float32 on AVX2 CPUs)")
+    p.add_argument(
+        "--dtype",
+        default=str(default_dtype("cpu")).removeprefix("torch."),
+        help="attnserve's and transformers' dtype: by default the one the server picks on this CPU",
+    )
+    p.add_argument(
+        "--also-dtype",
+        default=None,
+        help="a second attnserve row in this dtype (plain sweep only), e.g. float32 beside bfloat16",
+    )
     p.add_argument("--systems", nargs="+", default=["attnserve", "transformers", "llama-server"])
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
     p.add_argument("--input-len", type=int, default=64)
@@ -148,9 +158,13 @@ def at(args: argparse.Namespace, concurrency: int) -> argparse.Namespace:
     return argparse.Namespace(**{**vars(args), "concurrency": [concurrency]})
 
 
-def run_attnserve(args: argparse.Namespace, table: dict[str, list[dict]], extras: dict[str, float]) -> None:
+def run_attnserve(
+    args: argparse.Namespace, table: dict[str, list[dict]], extras: dict[str, float], *, dtype: str | None = None
+) -> None:
+    """The default dtype's sweep (with its attention twin and the offline engine), or with ``dtype``
+    another dtype's plain sweep as the row "attnserve <dtype>"."""
     port, mport = free_port(), free_port()
-    cmd = [sys.executable, "-m", "attnserve.server", "--model", args.model, "--dtype", args.dtype]
+    cmd = [sys.executable, "-m", "attnserve.server", "--model", args.model, "--dtype", dtype or args.dtype]
     cmd += ["--host", "127.0.0.1", "--port", str(port), "--metrics-host", "127.0.0.1", "--metrics-port", str(mport)]
     cmd += ["--http-host", "127.0.0.1", "--http-port", str(free_port())]
     proc = start([*cmd, "--max-num-seqs", "64"], args.out / "attnserve.log")
@@ -164,6 +178,10 @@ def run_attnserve(args: argparse.Namespace, table: dict[str, list[dict]], extras
         # Plain and 25%-attention points interleaved per C, so drift over a long run hits both alike.
         target = f"127.0.0.1:{port}"
         for c in args.concurrency:
+            if dtype is not None:
+                plain = sweep("attnserve", target, f"attnserve-{dtype}-c{c}", at(args, c), args.out, [])
+                table.setdefault(f"attnserve {dtype}", []).extend(plain)
+                continue
             plain = sweep("attnserve", target, f"attnserve-c{c}", at(args, c), args.out, [])
             table.setdefault("attnserve", []).extend(plain)
             attention_flags = ["--attention-every", "4", "--seed", "1000"]  # other prompts: no prefix-cache hits
@@ -173,6 +191,8 @@ def run_attnserve(args: argparse.Namespace, table: dict[str, list[dict]], extras
             table.setdefault("attnserve +25% attention", []).extend(with_attention)
     finally:
         stop(proc)
+    if dtype is not None:
+        return
     c_max = max(args.concurrency)
     extras[f"engine offline C={c_max}"] = offline_engine(args.model, args.dtype, c_max, args)
 
@@ -212,7 +232,8 @@ def run_llama_server(args: argparse.Namespace, table: dict[str, list[dict]]) -> 
 def print_table(table: dict[str, list[dict]], args: argparse.Namespace) -> None:
     print(
         f"\nprompt ~{args.input_len} tokens, {args.output_len} output tokens (EOS ignored), greedy, "
-        f"{os.cpu_count()} CPUs, attnserve/transformers in {args.dtype}"
+        f"{os.cpu_count()} CPUs ({cpu_flags()}), attnserve/transformers in {args.dtype} (the server's default "
+        "here)" + (f", 'attnserve {args.also_dtype}' in {args.also_dtype}" if args.also_dtype else "")
     )
     print("| system | C | output tok/s | TTFT p50 / p99 ms | ITL p50 / p99 ms | failed |")
     print("|---|---|---|---|---|---|")
@@ -257,6 +278,8 @@ def main() -> None:
     extras: dict[str, float] = {}
     if "attnserve" in args.systems:
         run_attnserve(args, table, extras)
+        if args.also_dtype:
+            run_attnserve(args, table, extras, dtype=args.also_dtype)
     if "transformers" in args.systems:
         run_transformers(args, table)
     if "llama-server" in args.systems:

@@ -5,7 +5,9 @@
 
 For each dtype: the median wall time of one decode step (forward + argmax to the host, the
 runner's own metadata build included), the bytes of weights the step reads (the packed linears
-and the LM head) and the floor they set at this machine's measured copy bandwidth; then a
+and the LM head) and the floor they set: those bytes at the best copy bandwidth measured
+(best of 7 copies of 512 MiB; it drifts by up to 2x under other tenants' load, so the floor is
+optimistic and the ratio conservative); then a
 torch.profiler breakdown by op: calls per step, time per step, share of the step. "between
 ops" is the step's wall time minus the time inside the top-level ops: Python and dispatch.
 """
@@ -93,9 +95,10 @@ def main() -> None:
             step()
             times.append(time.perf_counter() - start)
         wall = statistics.median(times)
-        floor = weight_bytes_read(loaded.model) / bandwidth
+        weights = weight_bytes_read(loaded.model)
+        floor = weights / bandwidth
         print(
-            f"== {name}: step {wall * 1e3:.1f} ms; weights read {weight_bytes_read(loaded.model) / 1e6:.0f} MB, ",
+            f"== {name}: step {wall * 1e3:.1f} ms (median of {args.steps}); weights read {weights / 1e6:.0f} MB, ",
             end="",
         )
         print(f"floor {floor * 1e3:.1f} ms; step / floor = {wall / floor:.2f}")

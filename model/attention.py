@@ -305,17 +305,17 @@ def kv_cache_dtype(dtype: torch.dtype, device: torch.device, *, batch_invariant:
     return dtype
 
 
-def write_kv(layer_cache: torch.Tensor, slot_mapping: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    """Store new keys/values (T, Hkv, D) at their slots of one layer's cache."""
+def write_kv(layer_cache: torch.Tensor, slot_mapping: torch.Tensor, kv: torch.Tensor) -> None:
+    """Store new keys and values (T, 2, Hkv, D) at their slots of one layer's cache, in one copy."""
     flat = layer_cache.view(2, -1, *layer_cache.shape[-2:])  # (2, num_slots, Hkv, D)
-    flat[0].index_copy_(0, slot_mapping, k.to(flat.dtype))  # a wider cache holds them exactly
-    flat[1].index_copy_(0, slot_mapping, v.to(flat.dtype))
+    if kv.dtype != flat.dtype:
+        kv = kv.to(flat.dtype)  # a wider cache holds them exactly
+    flat.index_copy_(1, slot_mapping, kv.transpose(0, 1))
 
 
 def paged_attention(
     q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
+    kv: torch.Tensor,
     layer_cache: torch.Tensor,
     meta: AttentionMetadata,
     *,
@@ -324,9 +324,9 @@ def paged_attention(
 ) -> torch.Tensor:
     """Attention of new tokens over their sequences' cached context.
 
-    q: (T, H, D); k, v: (T, Hkv, D), already rotated. Returns (T, H, D).
+    q: (T, H, D); kv: (T, 2, Hkv, D) the new keys (already rotated) and values. Returns (T, H, D).
     """
-    write_kv(layer_cache, meta.slot_mapping, k, v)
+    write_kv(layer_cache, meta.slot_mapping, kv)
     if meta.batch_invariant and not q.is_cuda:
         layouts = meta.cpu_layouts(q.shape[1], layer_cache)
         out = cpu_sparse.sparse_attention(q, layer_cache, layouts, scale)
@@ -336,7 +336,7 @@ def paged_attention(
         out = torch.empty_like(q)
         if meta.decode_rows is not None:
             out[meta.decode_rows] = decode_attention(q[meta.decode_rows], layer_cache, meta, scale)
-        prefill_attention(q, k, v, layer_cache, meta, scale, out=out)
+        prefill_attention(q, kv[:, 0], kv[:, 1], layer_cache, meta, scale, out=out)
     capture_queries(q, meta, layer_index)
     return out
 

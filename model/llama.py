@@ -20,7 +20,7 @@ from attnserve.model.attention import AttentionMetadata, captured_attention_weig
 from attnserve.model.config import ModelConfig
 from attnserve.model.errors import ModelLoadError
 from attnserve.model.kv_cache import KVCache
-from attnserve.model.rope import RotaryEmbedding, apply_rotary
+from attnserve.model.rope import RotaryEmbedding, rotate_in_place
 
 
 def packed_dtype(weight: torch.Tensor) -> torch.dtype | None:
@@ -62,11 +62,15 @@ class PackedWeight:
         its GEMM kernels, which agree with each other for every M >= 2 (checked at start-up, see
         model/invariance.py): a lone row is computed as the first of two.
         """
-        rows = x.shape[0]
+        rows, out_dtype = x.shape[0], x.dtype
         if rows == 1:
             x = torch.cat([x, x])
-        y = torch.ops.mkldnn._linear_pointwise(x.to(self.dtype), self.weight, self.bias, "none", [], "")
-        return (y[:1] if rows == 1 else y).to(x.dtype)
+        if x.dtype != self.dtype:  # checked here: a no-op .to() still costs a dispatch, 4 per layer
+            x = x.to(self.dtype)
+        y = torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        if rows == 1:
+            y = y[:1]
+        return y if y.dtype == out_dtype else y.to(out_dtype)
 
 
 class Linear(nn.Linear):
@@ -113,11 +117,12 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         num_tokens, heads = x.shape[0], self.num_heads + self.num_kv_heads
         qkv = self.qkv_proj(x)
-        # q and k are adjacent in qkv: rotate them in one go (fewer small ops per layer).
-        qk = apply_rotary(qkv[:, : self.q_size + self.kv_size].view(num_tokens, heads, self.head_dim), cos, sin)
-        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)  # (T, H, D), (T, Hkv, D)
-        v = qkv[:, self.q_size + self.kv_size :].view(num_tokens, self.num_kv_heads, self.head_dim)
-        out = paged_attention(q, k, v, layer_cache, meta, layer_index=self.layer_index, scale=self.scale)
+        # q and k are adjacent in qkv: rotate them in one go, in place (fewer small ops per layer),
+        # which leaves k and v adjacent too: the cache takes them in one copy.
+        rotate_in_place(qkv[:, : self.q_size + self.kv_size].view(num_tokens, heads, self.head_dim), cos, sin)
+        q = qkv[:, : self.q_size].view(num_tokens, self.num_heads, self.head_dim)  # (T, H, D)
+        kv = qkv[:, self.q_size :].view(num_tokens, 2, self.num_kv_heads, self.head_dim)  # (T, 2, Hkv, D)
+        out = paged_attention(q, kv, layer_cache, meta, layer_index=self.layer_index, scale=self.scale)
         return self.o_proj(out.reshape(num_tokens, self.q_size))
 
 

@@ -66,6 +66,13 @@ class RotaryEmbedding:
         return cos[positions].unsqueeze(1), sin[positions].unsqueeze(1)  # (T, 1, D)
 
 
+def rotate_in_place(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """``apply_rotary``, written into x (a view of the projections): the same ops, the same bits."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    x.mul_(cos).add_(rotated.mul_(sin))
+
+
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x: (T, heads, D) rotated by (T, 1, D) tables."""
     half = x.shape[-1] // 2

@@ -150,7 +150,7 @@ def sparse_attention(
     num_tokens, num_heads, head_dim = q.shape
     out_dtype = q.dtype
     cache_rows = layer_cache.view(2, -1, head_dim)  # (2, num_slots * Hkv, D)
-    q_rows = q.to(layer_cache.dtype).reshape(-1, head_dim)  # (T*H, D)
+    q_rows = (q if q.dtype == layer_cache.dtype else q.to(layer_cache.dtype)).reshape(-1, head_dim)  # (T*H, D)
     out = torch.empty(num_tokens * num_heads, head_dim, dtype=layer_cache.dtype)
     for layout in layouts:
         rows = slice(layout.first_token * num_heads, (layout.first_token + layout.num_tokens) * num_heads)
@@ -170,7 +170,8 @@ def sparse_attention(
         )  # (rows, D)
         # A row's sum is >= 1 (its max entry contributes exp(0)); padded rows (no entries) stay 0.
         torch.div(weighted, row_sum.clamp_min(1.0)[:, None], out=out[rows])
-    return out.view(num_tokens, num_heads, head_dim).to(out_dtype)
+    out = out.view(num_tokens, num_heads, head_dim)
+    return out if out.dtype == out_dtype else out.to(out_dtype)
 
 
 def per_sequence_decode_attention(

@@ -99,7 +99,7 @@ def test_prefill_chunks_and_decode_rows_in_one_step_match_reference(
     q = torch.randn(num_rows, num_heads, head_dim, generator=gen).to(dtype)
     k = torch.randn(num_rows, num_kv_heads, head_dim, generator=gen).to(dtype)
     v = torch.randn(num_rows, num_kv_heads, head_dim, generator=gen).to(dtype)
-    out = paged_attention(q, k, v, cache, meta, layer_index=0, scale=head_dim**-0.5)
+    out = paged_attention(q, torch.stack((k, v), dim=1), cache, meta, layer_index=0, scale=head_dim**-0.5)
     start = 0
     for i, (n, seq_len) in enumerate(zip(query_lens, seq_lens, strict=True)):
         expected = reference_paged_attention(q[start : start + n], cache, tables[i], seq_len, head_dim**-0.5)
@@ -134,7 +134,8 @@ def test_a_query_row_is_the_same_bits_however_its_prompt_is_split_or_batched(dty
             meta = AttentionMetadata.build(
                 block_tables=tables, seq_lens=seq_lens, query_lens=query_lens, block_size=block_size
             )
-            out = paged_attention(torch.cat(qs), torch.cat(ks), torch.cat(vs), cache, meta, layer_index=0, scale=0.125)
+            kv = torch.stack((torch.cat(ks), torch.cat(vs)), dim=1)
+            out = paged_attention(torch.cat(qs), kv, cache, meta, layer_index=0, scale=0.125)
             outs.append(out[33 : 33 + n] if others else out)
             done += n
         return torch.cat(outs)
