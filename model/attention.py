@@ -88,7 +88,7 @@ class AttentionMetadata:
     # CPU: every row through the row-exact sparse path (see the module docstring).
     batch_invariant: bool = True
     # Per-step derived layouts shared by every layer (the CPU sparse patterns).
-    _cpu_layouts: dict[tuple[int, int, int, bool], list[cpu_sparse.RowLayout]] = field(
+    _cpu_layouts: dict[tuple[int, int, int, bool, int | None], list[cpu_sparse.RowLayout]] = field(
         default_factory=dict, repr=False, compare=False
     )
 
@@ -182,12 +182,12 @@ class AttentionMetadata:
         )
 
     def cpu_layouts(
-        self, num_heads: int, layer_cache: torch.Tensor, *, decode_only: bool = False
+        self, num_heads: int, layer_cache: torch.Tensor, *, decode_only: bool = False, window: int | None = None
     ) -> list[cpu_sparse.RowLayout]:
         """The sparse layouts of every row (or of the decode rows alone), built on first use and
-        shared by every layer."""
+        shared by every layer with the same sliding ``window`` (None: the whole context)."""
         _, num_blocks, block_size, num_kv_heads, _ = layer_cache.shape
-        key = (num_heads, num_kv_heads, num_blocks * block_size, decode_only)
+        key = (num_heads, num_kv_heads, num_blocks * block_size, decode_only, window)
         if key not in self._cpu_layouts:
             self._cpu_layouts[key] = cpu_sparse.build_row_layouts(
                 self._decode_rows() if decode_only else self._all_rows(),
@@ -195,6 +195,7 @@ class AttentionMetadata:
                 num_heads=num_heads,
                 num_kv_heads=num_kv_heads,
                 num_slots=num_blocks * block_size,
+                window=window,
             )
         return self._cpu_layouts[key]
 
@@ -297,6 +298,12 @@ def _slots(table: Sequence[int], start: int, end: int, block_size: int) -> list[
     return out
 
 
+SLIDING_WINDOW_PATHS = (
+    "sliding-window attention runs on the batch-invariant CPU path only in this version "
+    "(not with --batch-invariant off, not on CUDA, whose kernels attend to the whole context)"
+)
+
+
 def kv_cache_dtype(dtype: torch.dtype, device: torch.device, *, batch_invariant: bool) -> torch.dtype:
     """The dtype the paged cache keeps K/V in: the model's, except on the batch-invariant CPU path,
     whose sparse kernels read float32 (a narrower model's K/V are held exactly, upcast)."""
@@ -321,15 +328,18 @@ def paged_attention(
     *,
     layer_index: int,
     scale: float,
+    window: int | None = None,
 ) -> torch.Tensor:
-    """Attention of new tokens over their sequences' cached context.
+    """Attention of new tokens over their sequences' cached context (or its last ``window`` positions).
 
     q: (T, H, D); kv: (T, 2, Hkv, D) the new keys (already rotated) and values. Returns (T, H, D).
     """
     write_kv(layer_cache, meta.slot_mapping, kv)
     if meta.batch_invariant and not q.is_cuda:
-        layouts = meta.cpu_layouts(q.shape[1], layer_cache)
+        layouts = meta.cpu_layouts(q.shape[1], layer_cache, window=window)
         out = cpu_sparse.sparse_attention(q, layer_cache, layouts, scale)
+    elif window is not None:
+        raise NotImplementedError(SLIDING_WINDOW_PATHS)
     elif meta.is_pure_decode:
         out = decode_attention(q, layer_cache, meta, scale)
     else:
@@ -354,14 +364,21 @@ def capture_queries(q: torch.Tensor, meta: AttentionMetadata, layer_index: int) 
 
 
 def captured_attention_weights(
-    meta: AttentionMetadata, layer_cache: torch.Tensor, *, seq: int, layer: int, scale: float
+    meta: AttentionMetadata,
+    layer_cache: torch.Tensor,
+    *,
+    seq: int,
+    layer: int,
+    scale: float,
+    window: int | None = None,
 ) -> tuple[int, torch.Tensor]:
     """(position of the first captured row, weights (H, n, position + n) float32) of one sequence at one
     layer, from its captured queries and the cache: row i sees positions 0 .. position + i."""
     first, _ = meta.attention_rows.get(seq, (0, meta.query_lens[seq]))
     position = meta.seq_lens[seq] - meta.query_lens[seq] + first
     q = meta.captured_queries[(seq, layer)]
-    return position, attention_weights_from_cache(q, layer_cache, meta.block_table(seq), start=position, scale=scale)
+    table = meta.block_table(seq)
+    return position, attention_weights_from_cache(q, layer_cache, table, start=position, scale=scale, window=window)
 
 
 def decode_attention(q: torch.Tensor, layer_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
@@ -462,22 +479,23 @@ def sdpa_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: floa
     return o[0]
 
 
-def causal_mask(num_queries: int, context_len: int, device: torch.device) -> torch.Tensor:
-    """(n, L) bool: query i (the last n of L positions) may see keys up to its own position."""
-    offset = context_len - num_queries
-    return (
-        torch.arange(context_len, device=device)[None, :] <= torch.arange(num_queries, device=device)[:, None] + offset
-    )
+def causal_mask(num_queries: int, context_len: int, device: torch.device, window: int | None = None) -> torch.Tensor:
+    """(n, L) bool: query i (the last n of L positions) may see keys up to its own position (and,
+    with a sliding ``window``, none more than window - 1 before it)."""
+    own = torch.arange(num_queries, device=device)[:, None] + (context_len - num_queries)
+    keys = torch.arange(context_len, device=device)[None, :]
+    visible = keys <= own
+    return visible if window is None else visible & (keys > own - window)
 
 
-def explicit_weights(q: torch.Tensor, k: torch.Tensor, *, scale: float) -> torch.Tensor:
+def explicit_weights(q: torch.Tensor, k: torch.Tensor, *, scale: float, window: int | None = None) -> torch.Tensor:
     """softmax(q·Kᵀ·scale + causal mask) in float32.
 
     q: (H, n, D) are the last n of the L positions in k: (Hkv, L, D). Returns (H, n, L).
     """
     k = k.repeat_interleave(q.shape[0] // k.shape[0], dim=0).float()  # (H, L, D)
     scores = torch.matmul(q.float(), k.transpose(1, 2)) * scale  # (H, n, L)
-    scores = scores.masked_fill(~causal_mask(q.shape[1], k.shape[1], q.device), float("-inf"))
+    scores = scores.masked_fill(~causal_mask(q.shape[1], k.shape[1], q.device, window), float("-inf"))
     return torch.softmax(scores, dim=-1)
 
 
@@ -495,7 +513,13 @@ def explicit_attention(
 
 
 def attention_weights_from_cache(
-    q: torch.Tensor, layer_cache: torch.Tensor, block_table: torch.Tensor, *, start: int, scale: float
+    q: torch.Tensor,
+    layer_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    *,
+    start: int,
+    scale: float,
+    window: int | None = None,
 ) -> torch.Tensor:
     """Causal attention weights of queries at positions [start, start + n), keys read from the paged cache.
 
@@ -504,4 +528,4 @@ def attention_weights_from_cache(
     step from the queries alone, outside any captured graph.
     """
     k, _ = context_kv(layer_cache, block_table, start + q.shape[0])  # (Hkv, L, D)
-    return explicit_weights(q.transpose(0, 1), k, scale=scale)
+    return explicit_weights(q.transpose(0, 1), k, scale=scale, window=window)

@@ -61,6 +61,8 @@ class ModelConfig:
     rope_scaling: RopeScaling | None = None
     tie_word_embeddings: bool = False
     attention_bias: bool = False
+    # Each query sees only the last ``sliding_window`` positions, its own included (Mistral 7B v0.1).
+    sliding_window: int | None = None
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
     name: str = "unnamed"
@@ -88,6 +90,8 @@ class ModelConfig:
             raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
         if self.rms_norm_eps <= 0 or self.rope_theta <= 0:
             raise ValueError("rms_norm_eps and rope_theta must be > 0")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ValueError(f"sliding_window must be >= 1 (or None), got {self.sliding_window}")
 
     @property
     def q_size(self) -> int:
@@ -141,6 +145,7 @@ class ModelConfig:
             rope_scaling=_rope_scaling_from_hf(cfg.get("rope_scaling")),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             attention_bias=bool(cfg.get("attention_bias", architecture == "qwen2")),
+            sliding_window=_sliding_window_from_hf(cfg, architecture),
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos_ids,
             name=name,
@@ -204,10 +209,27 @@ class ModelConfig:
             rope_scaling=scaling,
             tie_word_embeddings=False,  # decided by the loader: tied when output.weight is absent
             attention_bias=arch == "qwen2",
+            sliding_window=int(window) if (window := meta.get(f"{arch}.attention.sliding_window")) else None,
             bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
             eos_token_ids=(int(eos),) if eos is not None else (),
             name=name,
         )
+
+
+def _sliding_window_from_hf(cfg: Mapping[str, Any], architecture: str) -> int | None:
+    """The window every layer uses, or None. Qwen2 configs carry a ``sliding_window`` that only
+    applies with ``use_sliding_window`` (and then to the layers past ``max_window_layers``)."""
+    window = cfg.get("sliding_window")
+    if architecture == "qwen2":
+        if not cfg.get("use_sliding_window", False):
+            return None
+        raise ModelLoadError(
+            "Qwen2 with use_sliding_window (a window on some layers only) is not supported; "
+            "set use_sliding_window to false in config.json to attend to the whole context"
+        )
+    if window is None or int(window) >= int(cfg.get("max_position_embeddings", 2048)):
+        return None  # a window as long as the context changes nothing
+    return int(window)
 
 
 def _rope_scaling_from_hf(raw: Mapping[str, Any] | None) -> RopeScaling | None:

@@ -104,6 +104,7 @@ class Attention(nn.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
         self.q_size, self.kv_size = config.q_size, config.kv_size
         self.scale = config.head_dim**-0.5
+        self.window = config.sliding_window  # None: every layer sees the whole context
         self.qkv_proj = Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias)
         self.o_proj = Linear(self.q_size, config.hidden_size, bias=False)
 
@@ -122,7 +123,9 @@ class Attention(nn.Module):
         rotate_in_place(qkv[:, : self.q_size + self.kv_size].view(num_tokens, heads, self.head_dim), cos, sin)
         q = qkv[:, : self.q_size].view(num_tokens, self.num_heads, self.head_dim)  # (T, H, D)
         kv = qkv[:, self.q_size :].view(num_tokens, 2, self.num_kv_heads, self.head_dim)  # (T, 2, Hkv, D)
-        out = paged_attention(q, kv, layer_cache, meta, layer_index=self.layer_index, scale=self.scale)
+        out = paged_attention(
+            q, kv, layer_cache, meta, layer_index=self.layer_index, scale=self.scale, window=self.window
+        )
         return self.o_proj(out.reshape(num_tokens, self.q_size))
 
 
@@ -216,8 +219,10 @@ class LlamaForCausalLM(nn.Module):
     ) -> tuple[int, torch.Tensor]:
         """After a forward: (first position, weights (H, n, first + n) float32) of the rows the
         metadata asked for, sequence ``seq`` at layer ``layer``, read from the paged cache."""
-        scale = self.layers[layer].self_attn.scale
-        return captured_attention_weights(meta, kv_cache.layers[layer], seq=seq, layer=layer, scale=scale)
+        attention = self.layers[layer].self_attn
+        return captured_attention_weights(
+            meta, kv_cache.layers[layer], seq=seq, layer=layer, scale=attention.scale, window=attention.window
+        )
 
     def prepare_for_inference(self) -> LlamaForCausalLM:
         """Re-pack weights into the fastest layout for this device and dtype; call after loading."""

@@ -69,9 +69,13 @@ def save_tiny_hf_model(folder: Path, architecture: str = "llama", **overrides: o
     The tokenizer is the caller's to write."""
     import transformers
 
-    classes = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "qwen2": ("Qwen2Config", "Qwen2ForCausalLM")}
+    classes = {
+        "llama": ("LlamaConfig", "LlamaForCausalLM"),
+        "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+        "mistral": ("MistralConfig", "MistralForCausalLM"),
+    }
     config_class, model_class = (getattr(transformers, name) for name in classes[architecture])
-    hf_model = model_class(config_class(**{**TINY_HF_SHAPE, **overrides}))
+    hf_model = model_class(config_class(**{**TINY_HF_SHAPE, **overrides}, attn_implementation="eager"))
     hf_model = hf_model.float().eval()
     hf_model.save_pretrained(folder, safe_serialization=True)
     return hf_model

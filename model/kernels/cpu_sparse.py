@@ -72,10 +72,12 @@ def build_row_layouts(
     num_heads: int,
     num_kv_heads: int,
     num_slots: int,
+    window: int | None = None,
     max_entries: int = MAX_ENTRIES_PER_GROUP,
 ) -> list[RowLayout]:
     """The CSR layouts of a step's query rows, in batch order, in groups of at most ``max_entries``
-    entries (a single row longer than that is a group of its own)."""
+    entries (a single row longer than that is a group of its own). With a sliding ``window``, the
+    row at position p sees only positions p - window + 1 .. p."""
     kv_head = torch.arange(num_heads) // (num_heads // num_kv_heads)  # (H,)
     positions = torch.arange(max((s.seq_len for s in sequences), default=0))
     layouts: list[RowLayout] = []
@@ -106,17 +108,24 @@ def build_row_layouts(
         step = max(1, max_entries // (num_heads * length))
         for first_pos in range(length - n, length, step):
             count = min(step, length - first_pos)
-            row_entries = num_heads * (count * (first_pos + 1) + count * (count - 1) // 2)
+            row_entries = num_heads * sum(_visible(p, window) for p in range(first_pos, first_pos + count))
             if entries and entries + row_entries > max_entries:
                 close()
-            seen = torch.arange(first_pos + 1, first_pos + count + 1)  # (r,) positions each row sees
+            seen = torch.arange(first_pos + 1, first_pos + count + 1)  # (r,) one past each row's position
             visible = positions[None, None, :length] < seen[:, None, None]  # (r, 1, L)
+            if window is not None:
+                visible &= positions[None, None, :length] >= seen[:, None, None] - window
+                seen = seen.clamp(max=window)
             cols.append(per_head.expand(count, -1, -1)[visible.expand(-1, num_heads, -1)])
             lens.append(seen.repeat_interleave(num_heads))
             token += count
             entries += row_entries
     close()
     return layouts
+
+
+def _visible(position: int, window: int | None) -> int:
+    return position + 1 if window is None else min(position + 1, window)
 
 
 def _layout(first: int, num_tokens: int, cols: list[torch.Tensor], lens: list[torch.Tensor], width: int) -> RowLayout:
