@@ -16,13 +16,15 @@ from typing import Any
 
 from attnserve.model.errors import ModelLoadError
 
-# Architectures whose decoder is ours (see model/llama.py). Qwen2 differs only by a qkv bias.
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
+# Architectures whose decoder is ours (see model/llama.py). Qwen2 differs only by a qkv bias,
+# Qwen3 by per-head RMSNorms on q and k before RoPE.
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
 
 _HF_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
 }
 
 
@@ -61,6 +63,7 @@ class ModelConfig:
     rope_scaling: RopeScaling | None = None
     tie_word_embeddings: bool = False
     attention_bias: bool = False
+    qk_norm: bool = False  # RMSNorm over each head of q and k (its own weights), before RoPE: Qwen3
     # Each query sees only the last ``sliding_window`` positions, its own included (Mistral 7B v0.1).
     sliding_window: int | None = None
     bos_token_id: int | None = None
@@ -145,6 +148,7 @@ class ModelConfig:
             rope_scaling=_rope_scaling_from_hf(cfg.get("rope_scaling")),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             attention_bias=bool(cfg.get("attention_bias", architecture == "qwen2")),
+            qk_norm=architecture == "qwen3",
             sliding_window=_sliding_window_from_hf(cfg, architecture),
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos_ids,
@@ -209,6 +213,7 @@ class ModelConfig:
             rope_scaling=scaling,
             tie_word_embeddings=False,  # decided by the loader: tied when output.weight is absent
             attention_bias=arch == "qwen2",
+            qk_norm=arch == "qwen3",
             sliding_window=int(window) if (window := meta.get(f"{arch}.attention.sliding_window")) else None,
             bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
             eos_token_ids=(int(eos),) if eos is not None else (),
@@ -220,11 +225,11 @@ def _sliding_window_from_hf(cfg: Mapping[str, Any], architecture: str) -> int | 
     """The window every layer uses, or None. Qwen2 configs carry a ``sliding_window`` that only
     applies with ``use_sliding_window`` (and then to the layers past ``max_window_layers``)."""
     window = cfg.get("sliding_window")
-    if architecture == "qwen2":
+    if architecture in ("qwen2", "qwen3"):
         if not cfg.get("use_sliding_window", False):
             return None
         raise ModelLoadError(
-            "Qwen2 with use_sliding_window (a window on some layers only) is not supported; "
+            f"{architecture} with use_sliding_window (a window on some layers only) is not supported; "
             "set use_sliding_window to false in config.json to attend to the whole context"
         )
     if window is None or int(window) >= int(cfg.get("max_position_embeddings", 2048)):

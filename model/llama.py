@@ -107,6 +107,9 @@ class Attention(nn.Module):
         self.window = config.sliding_window  # None: every layer sees the whole context
         self.qkv_proj = Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias)
         self.o_proj = Linear(self.q_size, config.hidden_size, bias=False)
+        # Qwen3: each head of q and k RMS-normalised (weights shared across heads) before RoPE.
+        self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
+        self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
 
     def forward(
         self,
@@ -118,9 +121,13 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         num_tokens, heads = x.shape[0], self.num_heads + self.num_kv_heads
         qkv = self.qkv_proj(x)
+        qk = qkv[:, : self.q_size + self.kv_size].view(num_tokens, heads, self.head_dim)
+        if self.q_norm is not None and self.k_norm is not None:  # written back in place, as RoPE is
+            qk[:, : self.num_heads] = self.q_norm(qk[:, : self.num_heads])
+            qk[:, self.num_heads :] = self.k_norm(qk[:, self.num_heads :])
         # q and k are adjacent in qkv: rotate them in one go, in place (fewer small ops per layer),
         # which leaves k and v adjacent too: the cache takes them in one copy.
-        rotate_in_place(qkv[:, : self.q_size + self.kv_size].view(num_tokens, heads, self.head_dim), cos, sin)
+        rotate_in_place(qk, cos, sin)
         q = qkv[:, : self.q_size].view(num_tokens, self.num_heads, self.head_dim)  # (T, H, D)
         kv = qkv[:, self.q_size :].view(num_tokens, 2, self.num_kv_heads, self.head_dim)  # (T, 2, Hkv, D)
         out = paged_attention(
@@ -309,7 +316,7 @@ class LlamaForCausalLM(nn.Module):
         gen = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             for name, param in self.named_parameters():
-                if name.endswith("layernorm.weight") or name == "norm.weight":
+                if name.endswith("norm.weight"):
                     param.fill_(1.0)
                 elif name.endswith(".bias"):
                     param.zero_()
