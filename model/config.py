@@ -69,6 +69,7 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
     name: str = "unnamed"
+    aliases: tuple[str, ...] = ()  # other names the checkpoint goes by (a GGUF's general.name)
 
     def __post_init__(self) -> None:
         if self.architecture not in SUPPORTED_ARCHITECTURES:

@@ -67,8 +67,11 @@ class GGUFFile:
         self.tensor_names = [t.name for t in self._reader.tensors]
 
     def model_config(self) -> ModelConfig:
-        name = self.metadata.get("general.name") or self.path.stem
-        config = ModelConfig.from_gguf_metadata(self.metadata, name=str(name))
+        # The file's stem names the model (what a client sends as `model`): general.name is free
+        # text ("Smollm2 135M 8k Lc100K Mix1 Ep2"), kept as an alias.
+        config = ModelConfig.from_gguf_metadata(self.metadata, name=self.path.stem)
+        if self.metadata.get("general.name"):
+            config = config.replace(aliases=(str(self.metadata["general.name"]),))
         # llama.cpp omits output.weight when the head is tied to the embedding.
         return config.replace(tie_word_embeddings="output.weight" not in self.tensor_names)
 

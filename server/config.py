@@ -165,6 +165,13 @@ def _engine_flags(g: argparse._ArgumentGroup) -> None:
         help="decode steps on static bucketed inputs, captured as CUDA graphs (auto: on CUDA only)",
     )
     g.add_argument(
+        "--served-model-name",
+        nargs="+",
+        default=None,
+        help="the name(s) clients send as `model` (the first is reported); default: the model file's or "
+        "folder's stem, and a GGUF's general.name as an alias",
+    )
+    g.add_argument(
         "--batch-invariant",
         choices=["on", "off"],
         default="on",
@@ -250,6 +257,8 @@ def _env_defaults(parser: argparse.ArgumentParser, environ: dict[str, str]) -> N
         raw = environ[env]
         if isinstance(action, argparse._StoreTrueAction):
             action.default = raw.strip().lower() in ("1", "true", "yes", "on")
+        elif action.nargs == "+":  # a list flag: comma-separated in the environment
+            action.default = [part.strip() for part in raw.split(",") if part.strip()]
         else:
             try:
                 action.default = action.type(raw) if action.type else raw
@@ -279,6 +288,7 @@ def _engine_config(a: argparse.Namespace) -> EngineConfig:
         max_model_len=a.max_model_len,
         graph_decode={"auto": None, "on": True, "off": False}[a.graph_decode],
         batch_invariant=a.batch_invariant == "on",
+        served_model_names=tuple(a.served_model_name or ()),
     )
 
 

@@ -225,7 +225,7 @@ def _model(door: HttpDoor, model_id: str) -> Response:
         info = door.service.info()
     except ServiceError as error:
         return service_error_response(error)
-    if model_id != info.model_name:
+    if model_id != info.model_name and model_id not in info.model_aliases:
         message = f"model {model_id!r} is not served here (this server serves {info.model_name!r})"
         return error_response(404, message, param="model", code="model_not_found")
     return JSONResponse(model_card(info, door.created))

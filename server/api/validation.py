@@ -304,7 +304,7 @@ _SAFE_ID = re.compile(r"[\x21-\x7e]*")
 def _check_identity(r: GenerationRequest, rules: ServingRules, e: _Errors) -> None:
     name, limit = rules.facts.model_name, rules.limits.max_request_id_chars
     e.check(
-        not r.model or r.model == name,
+        not r.model or r.model == name or r.model in rules.facts.model_aliases,
         "model",
         r.model,
         f"{r.model!r} is not served here; this server serves {name!r} (or leave model empty)",

@@ -77,3 +77,6 @@ class EngineConfig:
     # Every reduction in one order per row whatever the batch, chunking or prefix cache (CPU).
     # False takes the faster prefill attention whose result follows the chunk's shape.
     batch_invariant: bool = True
+    # The names clients may send as `model`; the first is the one reported. Empty: the model's own
+    # name (the file or folder stem) and its aliases.
+    served_model_names: tuple[str, ...] = ()

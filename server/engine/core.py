@@ -161,8 +161,10 @@ class Engine:
     def info(self) -> EngineInfo:
         c, runner = self.loaded.config, self.runner
         sched = self.config.scheduler
+        names = self.config.served_model_names or (c.name, *c.aliases)
         return EngineInfo(
-            model_name=c.name,
+            model_name=names[0],
+            model_aliases=tuple(names[1:]),
             architecture=c.architecture,
             context_length=self.max_model_len,
             vocab_size=c.vocab_size,

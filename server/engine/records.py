@@ -103,7 +103,7 @@ class RequestDelta:
 class EngineInfo:
     """What the engine serves, for the front doors and metrics: fixed once it is built."""
 
-    model_name: str
+    model_name: str  # reported by GetModelInfo, /v1/models and every response
     architecture: str
     context_length: int
     vocab_size: int
@@ -123,6 +123,7 @@ class EngineInfo:
     batch_invariant: bool  # a request's tokens do not depend on its batch, chunking or the prefix cache
     determinism: str  # the path in use and what the start-up check found, in words
     generation_defaults: Mapping[str, float] = field(default_factory=dict)  # the model's generation_config.json
+    model_aliases: tuple[str, ...] = ()  # other names a request may send as `model`
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ the tokenizer is never reached."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from types import SimpleNamespace
 
 import pytest
@@ -13,6 +14,7 @@ import pytest
 from attnserve.server.api.errors import ErrorKind, ServiceError
 from attnserve.server.api.serving import GenerationService
 from attnserve.server.api.validation import ChatTurn, GenerationRequest
+from attnserve.server.config import parse_config
 from attnserve.server.engine.records import EngineInfo
 from attnserve.server.metrics import Metrics
 
@@ -87,3 +89,23 @@ def test_a_prompt_that_cannot_fit_is_refused_by_its_length_alone() -> None:
     assert error.kind is ErrorKind.INVALID_ARGUMENT and "cannot fit" in error.message
     error = refusal(service_over(waiting_room=4), GenerationRequest(messages=[ChatTurn("user", "z" * 4_000_000)]))
     assert error.kind is ErrorKind.INVALID_ARGUMENT and "messages" in error.message
+
+
+def test_a_model_answers_to_its_served_names_and_aliases() -> None:
+    """A GGUF is served as its file's stem, and its free-text general.name still works."""
+    info = dataclasses.replace(INFO, model_name="SmolLM2-135M-Instruct", model_aliases=("Smollm2 135M 8k",))
+    engine = SimpleNamespace(info=lambda: info, waiting_room=lambda: 0, tokenizer=NoTokenizing())
+    service = GenerationService(Metrics())
+    service.attach(engine)  # type: ignore[arg-type]
+    for name in ("SmolLM2-135M-Instruct", "Smollm2 135M 8k", ""):
+        # Past the model check, the full queue refuses it: the name was accepted.
+        assert refusal(service, GenerationRequest(prompt="x", model=name)).kind is ErrorKind.RESOURCE_EXHAUSTED
+    error = refusal(service, GenerationRequest(prompt="x", model="gpt-4"))
+    assert error.kind is ErrorKind.INVALID_ARGUMENT and "SmolLM2-135M-Instruct" in error.message
+
+
+def test_served_model_names_from_flags_and_environment() -> None:
+    flags = parse_config(["--model", "dummy:tiny", "--served-model-name", "mine", "other"], environ={})
+    assert flags.engine.served_model_names == ("mine", "other")
+    env = parse_config(["--model", "dummy:tiny"], environ={"ATTNSERVE_SERVED_MODEL_NAME": "a, b"})
+    assert env.engine.served_model_names == ("a", "b")
