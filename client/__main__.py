@@ -190,8 +190,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     gen.add_argument(
         "--attention-hide-sink",
-        action="store_true",
-        help="for --attention-png: draw the first token's column (the attention sink) grey, out of the colour scale",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="for --attention-png: draw the first token's column (the attention sink) grey, out of the colour "
+        "scale, as the explorer does (default; --no-attention-hide-sink puts it back on the scale)",
     )
     gen.add_argument(
         "--attention-log", action="store_true", help="for --attention-png: log colour scale (3 decades below the max)"

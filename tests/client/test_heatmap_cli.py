@@ -77,6 +77,29 @@ def test_generate_writes_the_heatmap(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize(("options", "hidden"), [([], True), (["--no-attention-hide-sink"], False)])
+def test_the_sink_is_hidden_by_default_as_in_the_explorer(
+    tiny: ServerProcess, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, options: list[str], hidden: bool
+) -> None:
+    """The first token takes most of every row: on a linear scale it would leave the rest dark."""
+    pytest.importorskip("matplotlib", reason="--attention-png needs matplotlib (attnserve-client[plot])")
+    from attnserve.client import heatmap
+
+    seen: list[bool] = []
+    original = heatmap.render_png
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        seen.append(kwargs["hide_sink"])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(heatmap, "render_png", spy)
+    png = str(tmp_path / "a.png")
+    argv = ["generate", "Hello", "--target", tiny.target, "--max-tokens", "2", "--attention-png", png, *options]
+    assert cli.main(argv) == 0
+    assert seen == [hidden]
+
+
+@pytest.mark.slow
 def test_a_head_past_the_models_heads_says_so(tiny: ServerProcess, tmp_path: Path) -> None:
     pytest.importorskip("matplotlib", reason="--attention-png needs matplotlib (attnserve-client[plot])")
     argv = [
