@@ -299,8 +299,8 @@ def _slots(table: Sequence[int], start: int, end: int, block_size: int) -> list[
 
 
 SLIDING_WINDOW_PATHS = (
-    "sliding-window attention runs on the batch-invariant CPU path only in this version "
-    "(not with --batch-invariant off, not on CUDA, whose kernels attend to the whole context)"
+    "sliding-window attention and logit soft-capping run on the batch-invariant CPU path only in this "
+    "version (not with --batch-invariant off, not on CUDA, whose kernels have neither)"
 )
 
 
@@ -329,16 +329,18 @@ def paged_attention(
     layer_index: int,
     scale: float,
     window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
-    """Attention of new tokens over their sequences' cached context (or its last ``window`` positions).
+    """Attention of new tokens over their sequences' cached context (or its last ``window`` positions),
+    scores soft-capped to (-softcap, softcap) before the softmax when given.
 
     q: (T, H, D); kv: (T, 2, Hkv, D) the new keys (already rotated) and values. Returns (T, H, D).
     """
     write_kv(layer_cache, meta.slot_mapping, kv)
     if meta.batch_invariant and not q.is_cuda:
         layouts = meta.cpu_layouts(q.shape[1], layer_cache, window=window)
-        out = cpu_sparse.sparse_attention(q, layer_cache, layouts, scale)
-    elif window is not None:
+        out = cpu_sparse.sparse_attention(q, layer_cache, layouts, scale, softcap=softcap)
+    elif window is not None or softcap is not None:
         raise NotImplementedError(SLIDING_WINDOW_PATHS)
     elif meta.is_pure_decode:
         out = decode_attention(q, layer_cache, meta, scale)
@@ -371,6 +373,7 @@ def captured_attention_weights(
     layer: int,
     scale: float,
     window: int | None = None,
+    softcap: float | None = None,
 ) -> tuple[int, torch.Tensor]:
     """(position of the first captured row, weights (H, n, position + n) float32) of one sequence at one
     layer, from its captured queries and the cache: row i sees positions 0 .. position + i."""
@@ -378,7 +381,9 @@ def captured_attention_weights(
     position = meta.seq_lens[seq] - meta.query_lens[seq] + first
     q = meta.captured_queries[(seq, layer)]
     table = meta.block_table(seq)
-    return position, attention_weights_from_cache(q, layer_cache, table, start=position, scale=scale, window=window)
+    return position, attention_weights_from_cache(
+        q, layer_cache, table, start=position, scale=scale, window=window, softcap=softcap
+    )
 
 
 def decode_attention(q: torch.Tensor, layer_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
@@ -488,13 +493,17 @@ def causal_mask(num_queries: int, context_len: int, device: torch.device, window
     return visible if window is None else visible & (keys > own - window)
 
 
-def explicit_weights(q: torch.Tensor, k: torch.Tensor, *, scale: float, window: int | None = None) -> torch.Tensor:
+def explicit_weights(
+    q: torch.Tensor, k: torch.Tensor, *, scale: float, window: int | None = None, softcap: float | None = None
+) -> torch.Tensor:
     """softmax(q·Kᵀ·scale + causal mask) in float32.
 
     q: (H, n, D) are the last n of the L positions in k: (Hkv, L, D). Returns (H, n, L).
     """
     k = k.repeat_interleave(q.shape[0] // k.shape[0], dim=0).float()  # (H, L, D)
     scores = torch.matmul(q.float(), k.transpose(1, 2)) * scale  # (H, n, L)
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
     scores = scores.masked_fill(~causal_mask(q.shape[1], k.shape[1], q.device, window), float("-inf"))
     return torch.softmax(scores, dim=-1)
 
@@ -520,6 +529,7 @@ def attention_weights_from_cache(
     start: int,
     scale: float,
     window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Causal attention weights of queries at positions [start, start + n), keys read from the paged cache.
 
@@ -528,4 +538,4 @@ def attention_weights_from_cache(
     step from the queries alone, outside any captured graph.
     """
     k, _ = context_kv(layer_cache, block_table, start + q.shape[0])  # (Hkv, L, D)
-    return explicit_weights(q.transpose(0, 1), k, scale=scale, window=window)
+    return explicit_weights(q.transpose(0, 1), k, scale=scale, window=window, softcap=softcap)

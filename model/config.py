@@ -17,15 +17,18 @@ from typing import Any
 from attnserve.model.errors import ModelLoadError
 
 # Architectures whose decoder is ours (see model/llama.py). Qwen2 differs only by a qkv bias,
-# Qwen3 by per-head RMSNorms on q and k before RoPE.
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3")
+# Qwen3 by per-head RMSNorms on q and k before RoPE; Gemma 2 and 3 by the switches below.
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3")
 
 _HF_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
+    "Gemma2ForCausalLM": "gemma2",
+    "Gemma3ForCausalLM": "gemma3",
 }
+_HF_MODEL_TYPES = {"gemma3_text": "gemma3"}
 
 
 @dataclass(frozen=True)
@@ -64,8 +67,19 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     attention_bias: bool = False
     qk_norm: bool = False  # RMSNorm over each head of q and k (its own weights), before RoPE: Qwen3
-    # Each query sees only the last ``sliding_window`` positions, its own included (Mistral 7B v0.1).
+    # Each query sees only the last ``sliding_window`` positions, its own included (Mistral 7B v0.1),
+    # on the layers ``sliding_layers`` marks (None: every layer).
     sliding_window: int | None = None
+    sliding_layers: tuple[bool, ...] | None = None
+    # Gemma 2 / 3 switches.
+    hidden_act: str = "silu"  # the MLP's gate: "silu" (SwiGLU) or "gelu_tanh" (GeGLU)
+    norm_offset: float = 0.0  # RMSNorm scales by (offset + weight): Gemma stores weight - 1
+    scale_embeddings: bool = False  # embeddings times sqrt(hidden_size)
+    sandwich_norms: bool = False  # norms on the attention and MLP outputs too, and one before the MLP
+    attention_scale: float | None = None  # q·k scale; None: head_dim ** -0.5
+    attn_logit_softcap: float | None = None  # scores -> cap * tanh(scores / cap) before the softmax
+    final_logit_softcap: float | None = None  # the same on the logits
+    rope_local_theta: float | None = None  # the RoPE base of the sliding layers (Gemma 3), unscaled
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
     name: str = "unnamed"
@@ -96,6 +110,24 @@ class ModelConfig:
             raise ValueError("rms_norm_eps and rope_theta must be > 0")
         if self.sliding_window is not None and self.sliding_window < 1:
             raise ValueError(f"sliding_window must be >= 1 (or None), got {self.sliding_window}")
+        if self.sliding_layers is not None and len(self.sliding_layers) != self.num_layers:
+            raise ValueError(f"sliding_layers has {len(self.sliding_layers)} entries for {self.num_layers} layers")
+        if self.hidden_act not in ("silu", "gelu_tanh"):
+            raise ValueError(f"hidden_act {self.hidden_act!r} is not supported (silu, gelu_tanh)")
+        for cap in (self.attn_logit_softcap, self.final_logit_softcap):
+            if cap is not None and cap <= 0:
+                raise ValueError(f"soft-caps must be > 0, got {cap}")
+
+    def layer_window(self, layer: int) -> int | None:
+        """The sliding window of one layer, or None where it sees the whole context."""
+        if self.sliding_window is None or (self.sliding_layers is not None and not self.sliding_layers[layer]):
+            return None
+        return self.sliding_window
+
+    @property
+    def needs_row_exact_attention(self) -> bool:
+        """Windows and soft-capping are implemented on the batch-invariant CPU attention path only."""
+        return self.sliding_window is not None or self.attn_logit_softcap is not None
 
     @property
     def q_size(self) -> int:
@@ -125,7 +157,7 @@ class ModelConfig:
         archs = cfg.get("architectures") or []
         architecture = next((_HF_ARCHITECTURES[a] for a in archs if a in _HF_ARCHITECTURES), None)
         if architecture is None:
-            architecture = cfg.get("model_type", "")
+            architecture = _HF_MODEL_TYPES.get(cfg.get("model_type", ""), cfg.get("model_type", ""))
             if architecture not in SUPPORTED_ARCHITECTURES:
                 raise ModelLoadError(
                     f"config.json describes {archs or architecture!r}; supported: {', '.join(_HF_ARCHITECTURES)}"
@@ -134,6 +166,7 @@ class ModelConfig:
         hidden = int(cfg["hidden_size"])
         eos = cfg.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
+        gemma = _gemma_fields(cfg, architecture) if architecture in ("gemma2", "gemma3") else {}
         return cls(
             architecture=architecture,
             vocab_size=int(cfg["vocab_size"]),
@@ -145,15 +178,16 @@ class ModelConfig:
             head_dim=int(cfg.get("head_dim") or hidden // num_heads),
             max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(cfg.get("rope_theta") or (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0)),
-            rope_scaling=_rope_scaling_from_hf(cfg.get("rope_scaling")),
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            rope_theta=_rope_theta(cfg),
+            rope_scaling=_rope_scaling_from_hf(cfg.get("rope_scaling") or _full_rope_parameters(cfg)),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", bool(gemma))),
             attention_bias=bool(cfg.get("attention_bias", architecture == "qwen2")),
-            qk_norm=architecture == "qwen3",
+            qk_norm=architecture in ("qwen3", "gemma3"),
             sliding_window=_sliding_window_from_hf(cfg, architecture),
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos_ids,
             name=name,
+            **gemma,
         )
 
     @classmethod
@@ -220,6 +254,52 @@ class ModelConfig:
             eos_token_ids=(int(eos),) if eos is not None else (),
             name=name,
         )
+
+
+def _rope_theta(cfg: Mapping[str, Any], layer_type: str = "full_attention") -> float:
+    """``rope_theta``, or transformers 5's ``rope_parameters`` (per layer type where layers differ)."""
+    if cfg.get("rope_theta"):
+        return float(cfg["rope_theta"])
+    params = cfg.get("rope_parameters") or {}
+    params = params.get(layer_type, params)
+    return float(params.get("rope_theta", 10000.0))
+
+
+def _full_rope_parameters(cfg: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """transformers 5's scaling of the full-attention layers, in the old ``rope_scaling`` shape."""
+    params = cfg.get("rope_parameters") or {}
+    params = params.get("full_attention", params)
+    if params.get("rope_type", "default") == "default":
+        return None
+    return params
+
+
+def _gemma_fields(cfg: Mapping[str, Any], architecture: str) -> dict[str, Any]:
+    """What Gemma 2 and Gemma 3 (text) change: GeGLU, (1 + w) norms around both blocks, scaled
+    embeddings, query_pre_attn_scalar, soft-caps (Gemma 2), q/k norms and two RoPE bases (Gemma 3),
+    sliding and full layers (``layer_types``, or Gemma 2's alternation, Gemma 3's 5:1)."""
+    layers = int(cfg["num_hidden_layers"])
+    every = 2 if architecture == "gemma2" else int(cfg.get("sliding_window_pattern", 6))
+    layer_types = cfg.get("layer_types") or [
+        "full_attention" if (i + 1) % every == 0 else "sliding_attention" for i in range(layers)
+    ]
+    act = cfg.get("hidden_activation") or cfg.get("hidden_act") or "gelu_pytorch_tanh"
+    if act not in ("gelu_pytorch_tanh", "gelu_tanh"):
+        raise ModelLoadError(f"{architecture}: hidden_activation {act!r} is not supported (gelu_pytorch_tanh)")
+    fields: dict[str, Any] = {
+        "hidden_act": "gelu_tanh",
+        "norm_offset": 1.0,
+        "scale_embeddings": True,
+        "sandwich_norms": True,
+        "attention_scale": float(cfg.get("query_pre_attn_scalar") or cfg.get("head_dim") or 256) ** -0.5,
+        "attn_logit_softcap": cfg.get("attn_logit_softcapping"),
+        "final_logit_softcap": cfg.get("final_logit_softcapping"),
+        "sliding_layers": tuple(t == "sliding_attention" for t in layer_types),
+    }
+    if architecture == "gemma3":
+        local = cfg.get("rope_local_base_freq") or _rope_theta(cfg, "sliding_attention")
+        fields["rope_local_theta"] = float(local)
+    return fields
 
 
 def _sliding_window_from_hf(cfg: Mapping[str, Any], architecture: str) -> int | None:

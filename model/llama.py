@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -88,12 +89,18 @@ class Linear(nn.Linear):
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, size: int, eps: float) -> None:
+    """x / rms(x) * (offset + weight). Gemma (offset 1) stores weight - 1 and normalises in float32."""
+
+    def __init__(self, size: int, eps: float, offset: float = 0.0) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
+        self.offset = offset
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.offset:
+            scale = self.weight.float() + self.offset
+            return F.rms_norm(x.float(), (x.shape[-1],), scale, self.eps).to(x.dtype)
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
@@ -103,13 +110,16 @@ class Attention(nn.Module):
         self.layer_index = layer_index
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
         self.q_size, self.kv_size = config.q_size, config.kv_size
-        self.scale = config.head_dim**-0.5
-        self.window = config.sliding_window  # None: every layer sees the whole context
+        self.scale = config.attention_scale or config.head_dim**-0.5
+        self.window = config.layer_window(layer_index)  # None: this layer sees the whole context
+        self.softcap = config.attn_logit_softcap
+        self.uses_local_rope = self.window is not None and config.rope_local_theta is not None
         self.qkv_proj = Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias)
         self.o_proj = Linear(self.q_size, config.hidden_size, bias=False)
         # Qwen3: each head of q and k RMS-normalised (weights shared across heads) before RoPE.
-        self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
-        self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
+        offset = config.norm_offset
+        self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps, offset) if config.qk_norm else None
+        self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps, offset) if config.qk_norm else None
 
     def forward(
         self,
@@ -131,7 +141,14 @@ class Attention(nn.Module):
         q = qkv[:, : self.q_size].view(num_tokens, self.num_heads, self.head_dim)  # (T, H, D)
         kv = qkv[:, self.q_size :].view(num_tokens, 2, self.num_kv_heads, self.head_dim)  # (T, 2, Hkv, D)
         out = paged_attention(
-            q, kv, layer_cache, meta, layer_index=self.layer_index, scale=self.scale, window=self.window
+            q,
+            kv,
+            layer_cache,
+            meta,
+            layer_index=self.layer_index,
+            scale=self.scale,
+            window=self.window,
+            softcap=self.softcap,
         )
         return self.o_proj(out.reshape(num_tokens, self.q_size))
 
@@ -140,27 +157,39 @@ class MLP(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.intermediate_size = config.intermediate_size
+        self.act = F.silu if config.hidden_act == "silu" else partial(F.gelu, approximate="tanh")
         self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
         self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(self.act(gate) * up)
 
 
 class DecoderLayer(nn.Module):
+    """Pre-norm blocks (Llama: ``post_attention_layernorm`` is the MLP's input norm), or with
+    ``sandwich_norms`` (Gemma) a norm on each block's input and on its output."""
+
     def __init__(self, config: ModelConfig, layer_index: int) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        norm = partial(RMSNorm, config.hidden_size, config.rms_norm_eps, config.norm_offset)
+        self.input_layernorm = norm()
         self.self_attn = Attention(config, layer_index)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = norm()
         self.mlp = MLP(config)
+        self.sandwich = config.sandwich_norms
+        if self.sandwich:
+            self.pre_feedforward_layernorm = norm()
+            self.post_feedforward_layernorm = norm()
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layer_cache: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, layer_cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        if not self.sandwich:
+            x = x + self.self_attn(self.input_layernorm(x), cos, sin, layer_cache, meta)
+            return x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, layer_cache, meta))
+        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
 
 
 # Hugging Face parameter names -> (our parameter, which shard of a fused tensor).
@@ -184,9 +213,12 @@ class LlamaForCausalLM(nn.Module):
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.norm_offset)
         self.lm_head = None if config.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rotary = RotaryEmbedding(config)
+        # Gemma 3: sliding layers rotate with their own, unscaled base.
+        local = config.rope_local_theta
+        self.local_rotary = RotaryEmbedding(config.replace(rope_theta=local, rope_scaling=None)) if local else None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -209,17 +241,24 @@ class LlamaForCausalLM(nn.Module):
         ``attn_metadata.captured_queries``; :meth:`attention_weights` turns them into weights.
         """
         x = self.embed_tokens(input_ids)  # (T, hidden)
+        if self.config.scale_embeddings:  # by sqrt(hidden) rounded to the model's dtype, as Gemma does
+            x = x * torch.tensor(self.config.hidden_size**0.5, dtype=x.dtype)
         cos, sin = self.rotary(positions, x.dtype)
+        local = self.local_rotary(positions, x.dtype) if self.local_rotary is not None else (cos, sin)
         for layer, layer_cache in zip(self.layers, kv_cache.layers, strict=True):
-            x = layer(x, cos, sin, layer_cache, attn_metadata)
+            layer_cos, layer_sin = local if layer.self_attn.uses_local_rope else (cos, sin)
+            x = layer(x, layer_cos, layer_sin, layer_cache, attn_metadata)
         if attn_metadata.logits_indices is not None:
             x = x[attn_metadata.logits_indices]
         x = self.norm(x)
         if self.lm_head is not None:
-            return self.lm_head(x).float()  # (rows, vocab)
-        if self._packed_head is not None:
-            return self._packed_head(x).float()
-        return F.linear(x, self.embed_tokens.weight).float()
+            logits = self.lm_head(x).float()  # (rows, vocab)
+        elif self._packed_head is not None:
+            logits = self._packed_head(x).float()
+        else:
+            logits = F.linear(x, self.embed_tokens.weight).float()
+        cap = self.config.final_logit_softcap
+        return logits if cap is None else torch.tanh(logits / cap) * cap
 
     def attention_weights(
         self, meta: AttentionMetadata, kv_cache: KVCache, *, seq: int, layer: int
@@ -228,7 +267,13 @@ class LlamaForCausalLM(nn.Module):
         metadata asked for, sequence ``seq`` at layer ``layer``, read from the paged cache."""
         attention = self.layers[layer].self_attn
         return captured_attention_weights(
-            meta, kv_cache.layers[layer], seq=seq, layer=layer, scale=attention.scale, window=attention.window
+            meta,
+            kv_cache.layers[layer],
+            seq=seq,
+            layer=layer,
+            scale=attention.scale,
+            window=attention.window,
+            softcap=attention.softcap,
         )
 
     def prepare_for_inference(self) -> LlamaForCausalLM:

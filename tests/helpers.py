@@ -74,6 +74,8 @@ def save_tiny_hf_model(folder: Path, architecture: str = "llama", **overrides: o
         "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
         "mistral": ("MistralConfig", "MistralForCausalLM"),
         "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+        "gemma2": ("Gemma2Config", "Gemma2ForCausalLM"),
+        "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM"),
     }
     config_class, model_class = (getattr(transformers, name) for name in classes[architecture])
     hf_model = model_class(config_class(**{**TINY_HF_SHAPE, **overrides}, attn_implementation="eager"))

@@ -149,6 +149,8 @@ def sparse_attention(
     layer_cache: torch.Tensor,  # (2, num_blocks, block_size, Hkv, D) float32 or float64
     layouts: Sequence[RowLayout],
     scale: float,
+    *,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Attention of every query row over the positions it sees, computed in the cache's dtype.
 
@@ -169,6 +171,8 @@ def sparse_attention(
         scores = torch.sparse.sampled_addmm(
             pattern, q_rows[rows], cache_rows[0].t(), beta=0.0, alpha=scale, out=pattern
         ).values()  # (nnz,)
+        if softcap is not None:  # Gemma 2: cap * tanh(score / cap), elementwise, before the softmax
+            scores = torch.tanh(scores / softcap).mul_(softcap)
         # Softmax within each row: subtract the row's max, exponentiate, normalise after the V sum.
         row_max = torch.segment_reduce(scores, "max", offsets=layout.row_offsets, unsafe=True)  # (rows,)
         shift = torch.repeat_interleave(row_max, layout.row_lens, output_size=scores.numel())  # (nnz,)

@@ -33,7 +33,7 @@ def kv_cache_budget(config: CacheConfig, device: torch.device) -> int:
 
 class ModelRunner:
     def __init__(self, model: LlamaForCausalLM, cache_config: CacheConfig, *, batch_invariant: bool = True) -> None:
-        if model.config.sliding_window is not None and (not batch_invariant or model.device.type != "cpu"):
+        if model.config.needs_row_exact_attention and (not batch_invariant or model.device.type != "cpu"):
             raise ValueError(f"{model.config.name}: {SLIDING_WINDOW_PATHS}")
         self.model = model
         self.device = model.device
