@@ -18,7 +18,7 @@ from attnserve.model.errors import ModelLoadError
 
 # Architectures whose decoder is ours (see model/llama.py). Qwen2 differs only by a qkv bias,
 # Qwen3 by per-head RMSNorms on q and k before RoPE; Gemma 2 and 3 by the switches below.
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3")
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3")
 
 _HF_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
@@ -27,23 +27,32 @@ _HF_ARCHITECTURES = {
     "Qwen3ForCausalLM": "qwen3",
     "Gemma2ForCausalLM": "gemma2",
     "Gemma3ForCausalLM": "gemma3",
+    "Phi3ForCausalLM": "phi3",
 }
 _HF_MODEL_TYPES = {"gemma3_text": "gemma3"}
 
 
 @dataclass(frozen=True)
 class RopeScaling:
-    """RoPE frequency scaling, as in HF ``rope_scaling`` (types: linear, llama3)."""
+    """RoPE frequency scaling, as in HF ``rope_scaling`` (types: linear, llama3, longrope)."""
 
     rope_type: str
     factor: float = 1.0
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+    # longrope (Phi-3/3.5/4-mini): per-frequency divisors below and from the original context on.
+    short_factor: tuple[float, ...] = ()
+    long_factor: tuple[float, ...] = ()
+    attention_factor: float | None = None  # cos and sin scaled by it; None: from the context ratio
 
     def __post_init__(self) -> None:
-        if self.rope_type not in ("linear", "llama3"):
-            raise ValueError(f"rope_scaling type {self.rope_type!r} is not supported (supported: linear, llama3)")
+        if self.rope_type not in ("linear", "llama3", "longrope"):
+            raise ValueError(
+                f"rope_scaling type {self.rope_type!r} is not supported (supported: linear, llama3, longrope)"
+            )
+        if self.rope_type == "longrope" and (not self.short_factor or len(self.short_factor) != len(self.long_factor)):
+            raise ValueError("longrope needs short_factor and long_factor of the same length")
         if self.factor <= 0:
             raise ValueError(f"rope_scaling factor must be > 0, got {self.factor}")
 
@@ -64,6 +73,7 @@ class ModelConfig:
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     rope_scaling: RopeScaling | None = None
+    rotary_dim: int | None = None  # leading dims of each head that RoPE rotates; None: all (Phi-4-mini: 3/4)
     tie_word_embeddings: bool = False
     attention_bias: bool = False
     qk_norm: bool = False  # RMSNorm over each head of q and k (its own weights), before RoPE: Qwen3
@@ -104,8 +114,8 @@ class ModelConfig:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})")
-        if self.head_dim % 2:
-            raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
+        if self.head_dim % 2 or self.rope_dim % 2 or self.rope_dim > self.head_dim:
+            raise ValueError(f"RoPE needs an even rotary_dim <= head_dim, got {self.rope_dim} of {self.head_dim}")
         if self.rms_norm_eps <= 0 or self.rope_theta <= 0:
             raise ValueError("rms_norm_eps and rope_theta must be > 0")
         if self.sliding_window is not None and self.sliding_window < 1:
@@ -117,6 +127,10 @@ class ModelConfig:
         for cap in (self.attn_logit_softcap, self.final_logit_softcap):
             if cap is not None and cap <= 0:
                 raise ValueError(f"soft-caps must be > 0, got {cap}")
+
+    @property
+    def rope_dim(self) -> int:
+        return self.rotary_dim or self.head_dim
 
     def layer_window(self, layer: int) -> int | None:
         """The sliding window of one layer, or None where it sees the whole context."""
@@ -167,6 +181,9 @@ class ModelConfig:
         eos = cfg.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
         gemma = _gemma_fields(cfg, architecture) if architecture in ("gemma2", "gemma3") else {}
+        head_dim = int(cfg.get("head_dim") or hidden // num_heads)
+        rope_params = cfg.get("rope_parameters") or {}
+        partial = float(cfg.get("partial_rotary_factor") or rope_params.get("partial_rotary_factor") or 1.0)
         return cls(
             architecture=architecture,
             vocab_size=int(cfg["vocab_size"]),
@@ -175,11 +192,12 @@ class ModelConfig:
             num_layers=int(cfg["num_hidden_layers"]),
             num_heads=num_heads,
             num_kv_heads=int(cfg.get("num_key_value_heads") or num_heads),
-            head_dim=int(cfg.get("head_dim") or hidden // num_heads),
+            head_dim=head_dim,
             max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            rotary_dim=None if partial == 1.0 else int(head_dim * partial),
             rope_theta=_rope_theta(cfg),
-            rope_scaling=_rope_scaling_from_hf(cfg.get("rope_scaling") or _full_rope_parameters(cfg)),
+            rope_scaling=_rope_scaling_from_hf(cfg.get("rope_scaling") or _full_rope_parameters(cfg), cfg),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", bool(gemma))),
             attention_bias=bool(cfg.get("attention_bias", architecture == "qwen2")),
             qk_norm=architecture in ("qwen3", "gemma3"),
@@ -318,19 +336,27 @@ def _sliding_window_from_hf(cfg: Mapping[str, Any], architecture: str) -> int | 
     return int(window)
 
 
-def _rope_scaling_from_hf(raw: Mapping[str, Any] | None) -> RopeScaling | None:
+def _rope_scaling_from_hf(raw: Mapping[str, Any] | None, cfg: Mapping[str, Any] | None = None) -> RopeScaling | None:
     if not raw:
         return None
     rope_type = raw.get("rope_type") or raw.get("type")
     if rope_type in (None, "default"):
         return None
+    cfg = cfg or {}
+    original = raw.get("original_max_position_embeddings") or cfg.get("original_max_position_embeddings") or 8192
+    factor = raw.get("factor")
+    if factor is None and rope_type == "longrope":  # Phi-3: the ratio of the extended to the original context
+        factor = int(cfg.get("max_position_embeddings", original)) / int(original)
     try:
         return RopeScaling(
             rope_type=rope_type,
-            factor=float(raw.get("factor", 1.0)),
+            factor=float(factor if factor is not None else 1.0),
             low_freq_factor=float(raw.get("low_freq_factor", 1.0)),
             high_freq_factor=float(raw.get("high_freq_factor", 4.0)),
-            original_max_position_embeddings=int(raw.get("original_max_position_embeddings", 8192)),
+            original_max_position_embeddings=int(original),
+            short_factor=tuple(float(f) for f in raw.get("short_factor") or ()),
+            long_factor=tuple(float(f) for f in raw.get("long_factor") or ()),
+            attention_factor=None if raw.get("attention_factor") is None else float(raw["attention_factor"]),
         )
     except ValueError as exc:
         raise ModelLoadError(str(exc)) from exc

@@ -113,6 +113,7 @@ class Attention(nn.Module):
         self.scale = config.attention_scale or config.head_dim**-0.5
         self.window = config.layer_window(layer_index)  # None: this layer sees the whole context
         self.softcap = config.attn_logit_softcap
+        self.rope_dim = config.rope_dim
         self.uses_local_rope = self.window is not None and config.rope_local_theta is not None
         self.qkv_proj = Linear(config.hidden_size, self.q_size + 2 * self.kv_size, bias=config.attention_bias)
         self.o_proj = Linear(self.q_size, config.hidden_size, bias=False)
@@ -136,8 +137,9 @@ class Attention(nn.Module):
             qk[:, : self.num_heads] = self.q_norm(qk[:, : self.num_heads])
             qk[:, self.num_heads :] = self.k_norm(qk[:, self.num_heads :])
         # q and k are adjacent in qkv: rotate them in one go, in place (fewer small ops per layer),
-        # which leaves k and v adjacent too: the cache takes them in one copy.
-        rotate_in_place(qk, cos, sin)
+        # which leaves k and v adjacent too: the cache takes them in one copy. Partial rotary
+        # (Phi-4-mini) rotates each head's leading rope_dim dims and passes the rest through.
+        rotate_in_place(qk if self.rope_dim == self.head_dim else qk[..., : self.rope_dim], cos, sin)
         q = qkv[:, : self.q_size].view(num_tokens, self.num_heads, self.head_dim)  # (T, H, D)
         kv = qkv[:, self.q_size :].view(num_tokens, 2, self.num_kv_heads, self.head_dim)  # (T, 2, Hkv, D)
         out = paged_attention(
@@ -321,7 +323,8 @@ class LlamaForCausalLM(nn.Module):
                 )
             with torch.no_grad():
                 dest.copy_(tensor)
-            filled[param_name] = filled.get(param_name, 0) + 1
+            # A fused tensor given whole (Phi-3's qkv_proj and gate_up_proj) fills every shard at once.
+            filled[param_name] = filled.get(param_name, 0) + (expected[param_name] if shard is None else 1)
         missing = [n for n, count in expected.items() if filled.get(n, 0) < count]
         if missing:
             shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")

@@ -9,15 +9,33 @@ import torch
 from attnserve.model.config import ModelConfig, RopeScaling
 
 
-def inverse_frequencies(config: ModelConfig, freq_factors: torch.Tensor | None = None) -> torch.Tensor:
-    """(head_dim / 2,) float32 inverse frequencies, after any scaling."""
-    dim = config.head_dim
+def inverse_frequencies(
+    config: ModelConfig, freq_factors: torch.Tensor | None = None, *, long: bool = False
+) -> torch.Tensor:
+    """(rope_dim / 2,) float32 inverse frequencies, after any scaling (``long``: longrope's
+    factors for positions past the original context)."""
+    dim = config.rope_dim
     inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    scaling = config.rope_scaling
     if freq_factors is not None:  # per-frequency divisors stored in a GGUF (llama3 scaling baked in)
         inv_freq = inv_freq / freq_factors.to(torch.float64)
-    elif config.rope_scaling is not None:
-        inv_freq = _scale(inv_freq, config.rope_scaling)
+    elif scaling is not None and scaling.rope_type == "longrope":
+        factors = scaling.long_factor if long else scaling.short_factor
+        inv_freq = inv_freq / torch.tensor(factors, dtype=torch.float64)
+    elif scaling is not None:
+        inv_freq = _scale(inv_freq, scaling)
     return inv_freq.float()
+
+
+def attention_factor(scaling: RopeScaling | None) -> float:
+    """longrope's scale of cos and sin (1 otherwise): sqrt(1 + ln(factor) / ln(original context))."""
+    if scaling is None or scaling.rope_type != "longrope":
+        return 1.0
+    if scaling.attention_factor is not None:
+        return scaling.attention_factor
+    if scaling.factor <= 1.0:
+        return 1.0
+    return math.sqrt(1 + math.log(scaling.factor) / math.log(scaling.original_max_position_embeddings))
 
 
 def _scale(inv_freq: torch.Tensor, scaling: RopeScaling) -> torch.Tensor:
@@ -57,8 +75,16 @@ class RotaryEmbedding:
             inv_freq = inverse_frequencies(self.config, self.freq_factors)
             t = torch.arange(self.config.max_position_embeddings, dtype=torch.float32)
             freqs = torch.outer(t, inv_freq)
-            emb = torch.cat([freqs, freqs], dim=-1)  # (P, D)
-            self._tables[key] = (emb.cos().to(device, dtype), emb.sin().to(device, dtype))
+            scaling = self.config.rope_scaling
+            if scaling is not None and scaling.rope_type == "longrope":
+                # Per position, not per batch: positions past the original context take the long
+                # factors (transformers switches the whole forward once any position is past it,
+                # which would make a token's keys depend on how long its batch's longest prompt was).
+                long = torch.outer(t, inverse_frequencies(self.config, long=True))
+                freqs = torch.where(t[:, None] < scaling.original_max_position_embeddings, freqs, long)
+            emb = torch.cat([freqs, freqs], dim=-1)  # (P, rope_dim)
+            mscale = attention_factor(scaling)
+            self._tables[key] = ((emb.cos() * mscale).to(device, dtype), (emb.sin() * mscale).to(device, dtype))
         return self._tables[key]
 
     def __call__(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

@@ -76,6 +76,7 @@ def save_tiny_hf_model(folder: Path, architecture: str = "llama", **overrides: o
         "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
         "gemma2": ("Gemma2Config", "Gemma2ForCausalLM"),
         "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM"),
+        "phi3": ("Phi3Config", "Phi3ForCausalLM"),
     }
     config_class, model_class = (getattr(transformers, name) for name in classes[architecture])
     hf_model = model_class(config_class(**{**TINY_HF_SHAPE, **overrides}, attn_implementation="eager"))
