@@ -24,8 +24,9 @@ from torch.profiler import ProfilerActivity, profile
 
 from attnserve.model.attention import AttentionMetadata, kv_cache_dtype
 from attnserve.model.kv_cache import KVCache
-from attnserve.model.llama import Linear, LlamaForCausalLM
+from attnserve.model.llama import LlamaForCausalLM
 from attnserve.model.loader import cpu_flags, load_model, parse_dtype
+from attnserve.model.packed import Linear
 
 
 def copy_bandwidth(num_bytes: int = 512 << 20, repeats: int = 7) -> float:

@@ -18,7 +18,7 @@ from attnserve.model.errors import ModelLoadError
 
 # Architectures whose decoder is ours (see model/llama.py). Qwen2 differs only by a qkv bias,
 # Qwen3 by per-head RMSNorms on q and k before RoPE; Gemma 2 and 3 by the switches below.
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3")
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "mixtral", "qwen3_moe")
 
 _HF_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
@@ -28,6 +28,8 @@ _HF_ARCHITECTURES = {
     "Gemma2ForCausalLM": "gemma2",
     "Gemma3ForCausalLM": "gemma3",
     "Phi3ForCausalLM": "phi3",
+    "MixtralForCausalLM": "mixtral",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
 }
 _HF_MODEL_TYPES = {"gemma3_text": "gemma3"}
 
@@ -90,6 +92,11 @@ class ModelConfig:
     attn_logit_softcap: float | None = None  # scores -> cap * tanh(scores / cap) before the softmax
     final_logit_softcap: float | None = None  # the same on the logits
     rope_local_theta: float | None = None  # the RoPE base of the sliding layers (Gemma 3), unscaled
+    # Mixture of experts (Mixtral, Qwen3-MoE): every layer's MLP is num_experts experts, top-k routed.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int | None = None  # an expert's; None: intermediate_size
+    norm_topk_prob: bool = True  # the k routing weights renormalised to sum to 1
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = field(default_factory=tuple)
     name: str = "unnamed"
@@ -124,9 +131,15 @@ class ModelConfig:
             raise ValueError(f"sliding_layers has {len(self.sliding_layers)} entries for {self.num_layers} layers")
         if self.hidden_act not in ("silu", "gelu_tanh"):
             raise ValueError(f"hidden_act {self.hidden_act!r} is not supported (silu, gelu_tanh)")
+        if self.num_experts and not 0 < self.num_experts_per_tok <= self.num_experts:
+            raise ValueError(f"num_experts_per_tok must be 1..{self.num_experts}, got {self.num_experts_per_tok}")
         for cap in (self.attn_logit_softcap, self.final_logit_softcap):
             if cap is not None and cap <= 0:
                 raise ValueError(f"soft-caps must be > 0, got {cap}")
+
+    @property
+    def expert_intermediate_size(self) -> int:
+        return self.moe_intermediate_size or self.intermediate_size
 
     @property
     def rope_dim(self) -> int:
@@ -200,12 +213,13 @@ class ModelConfig:
             rope_scaling=_rope_scaling_from_hf(cfg.get("rope_scaling") or _full_rope_parameters(cfg), cfg),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", bool(gemma))),
             attention_bias=bool(cfg.get("attention_bias", architecture == "qwen2")),
-            qk_norm=architecture in ("qwen3", "gemma3"),
+            qk_norm=architecture in ("qwen3", "gemma3", "qwen3_moe"),
             sliding_window=_sliding_window_from_hf(cfg, architecture),
             bos_token_id=cfg.get("bos_token_id"),
             eos_token_ids=eos_ids,
             name=name,
             **gemma,
+            **(_moe_fields(cfg, architecture) if architecture in ("mixtral", "qwen3_moe") else {}),
         )
 
     @classmethod
@@ -292,6 +306,22 @@ def _full_rope_parameters(cfg: Mapping[str, Any]) -> Mapping[str, Any] | None:
     return params
 
 
+def _moe_fields(cfg: Mapping[str, Any], architecture: str) -> dict[str, Any]:
+    """Mixtral: softmax over the experts, top-k renormalised. Qwen3-MoE: the same, renormalised only
+    with norm_topk_prob; dense layers among the sparse ones (decoder_sparse_step, mlp_only_layers)
+    are refused rather than loaded wrong."""
+    if architecture == "qwen3_moe" and (int(cfg.get("decoder_sparse_step", 1)) != 1 or cfg.get("mlp_only_layers")):
+        raise ModelLoadError(
+            "qwen3_moe with dense layers (decoder_sparse_step != 1 or mlp_only_layers) is not supported"
+        )
+    return {
+        "num_experts": int(cfg.get("num_local_experts") or cfg.get("num_experts") or 0),
+        "num_experts_per_tok": int(cfg.get("num_experts_per_tok", 2)),
+        "moe_intermediate_size": cfg.get("moe_intermediate_size"),
+        "norm_topk_prob": True if architecture == "mixtral" else bool(cfg.get("norm_topk_prob", False)),
+    }
+
+
 def _gemma_fields(cfg: Mapping[str, Any], architecture: str) -> dict[str, Any]:
     """What Gemma 2 and Gemma 3 (text) change: GeGLU, (1 + w) norms around both blocks, scaled
     embeddings, query_pre_attn_scalar, soft-caps (Gemma 2), q/k norms and two RoPE bases (Gemma 3),
@@ -324,7 +354,7 @@ def _sliding_window_from_hf(cfg: Mapping[str, Any], architecture: str) -> int | 
     """The window every layer uses, or None. Qwen2 configs carry a ``sliding_window`` that only
     applies with ``use_sliding_window`` (and then to the layers past ``max_window_layers``)."""
     window = cfg.get("sliding_window")
-    if architecture in ("qwen2", "qwen3"):
+    if architecture in ("qwen2", "qwen3", "qwen3_moe"):
         if not cfg.get("use_sliding_window", False):
             return None
         raise ModelLoadError(

@@ -13,7 +13,8 @@ from collections.abc import Callable
 
 import torch
 
-from attnserve.model.llama import Linear, LlamaForCausalLM
+from attnserve.model.llama import LlamaForCausalLM
+from attnserve.model.packed import Linear
 
 # Row counts a step's linears see: one decode row, a few, a busy decode batch, a prefill chunk.
 _BATCH_SIZES = (1, 2, 3, 8, 31, 67)

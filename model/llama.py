@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -21,71 +20,9 @@ from attnserve.model.attention import AttentionMetadata, captured_attention_weig
 from attnserve.model.config import ModelConfig
 from attnserve.model.errors import ModelLoadError
 from attnserve.model.kv_cache import KVCache
+from attnserve.model.moe import MoEShard, SparseMoE, moe_param_for
+from attnserve.model.packed import Linear, PackedWeight
 from attnserve.model.rope import RotaryEmbedding, rotate_in_place
-
-
-def packed_dtype(weight: torch.Tensor) -> torch.dtype | None:
-    """The dtype oneDNN computes this CPU weight's linear in, or None where it is not packed (CUDA).
-
-    float32 always; bfloat16 / float16 where this CPU has oneDNN kernels for them, else in
-    float32 from an upcast copy (exact inputs, float32 sums, the output rounded back).
-    """
-    if weight.device.type != "cpu" or not torch.backends.mkldnn.is_available():
-        return None
-    if weight.dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        return torch.bfloat16
-    if weight.dtype == torch.float16 and torch.ops.mkldnn._is_mkldnn_fp16_supported():
-        return torch.float16
-    return torch.float32
-
-
-@dataclass
-class PackedWeight:
-    """A linear's weight (and bias) in oneDNN's blocked layout, as torch.compile's CPU freezing uses:
-    about 1.6x faster than F.linear (MKL) in float32 and 2x in bfloat16 on this project's machines."""
-
-    weight: torch.Tensor
-    bias: torch.Tensor | None
-    dtype: torch.dtype
-
-    @classmethod
-    def pack(cls, weight: torch.Tensor, bias: torch.Tensor | None) -> PackedWeight | None:
-        dtype = packed_dtype(weight)
-        if dtype is None:
-            return None
-        packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(dtype), 16)
-        return cls(packed, None if bias is None else bias.detach().to(dtype), dtype)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """x (M, in) -> (M, out), each row's sums in one order whatever M.
-
-        oneDNN runs one row (M = 1) through a GEMV kernel whose sums run in another order than
-        its GEMM kernels, which agree with each other for every M >= 2 (checked at start-up, see
-        model/invariance.py): a lone row is computed as the first of two.
-        """
-        rows, out_dtype = x.shape[0], x.dtype
-        if rows == 1:
-            x = x.expand(2, -1)  # a view: oneDNN reads the row twice (no copy op)
-        if x.dtype != self.dtype:  # checked here: a no-op .to() still costs a dispatch, 4 per layer
-            x = x.to(self.dtype)
-        y = torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
-        if rows == 1:
-            y = y[:1]
-        return y if y.dtype == out_dtype else y.to(out_dtype)
-
-
-class Linear(nn.Linear):
-    """nn.Linear that runs on a oneDNN-packed copy of its weight once ``pack()`` is called (CPU)."""
-
-    packed: PackedWeight | None = None
-
-    def pack(self) -> None:
-        self.packed = PackedWeight.pack(self.weight, self.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is not None:
-            return self.packed(x)
-        return F.linear(x, self.weight, self.bias)
 
 
 class RMSNorm(nn.Module):
@@ -178,7 +115,7 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = norm()
         self.self_attn = Attention(config, layer_index)
         self.post_attention_layernorm = norm()
-        self.mlp = MLP(config)
+        self.mlp: nn.Module = SparseMoE(config) if config.num_experts else MLP(config)
         self.sandwich = config.sandwich_norms
         if self.sandwich:
             self.pre_feedforward_layernorm = norm()
@@ -281,7 +218,7 @@ class LlamaForCausalLM(nn.Module):
     def prepare_for_inference(self) -> LlamaForCausalLM:
         """Re-pack weights into the fastest layout for this device and dtype; call after loading."""
         for module in self.modules():
-            if isinstance(module, Linear):
+            if isinstance(module, Linear | SparseMoE):
                 module.pack()
         self._packed_head = None if self.lm_head is not None else PackedWeight.pack(self.embed_tokens.weight, None)
         return self
@@ -294,7 +231,7 @@ class LlamaForCausalLM(nn.Module):
         that no tensor filled.
         """
         for module in self.modules():  # packed copies would go stale
-            if isinstance(module, Linear):
+            if isinstance(module, Linear | SparseMoE):
                 module.packed = None
         self._packed_head = None
         params = dict(self.named_parameters())
@@ -304,6 +241,10 @@ class LlamaForCausalLM(nn.Module):
                 expected[name] = 3
             elif name.endswith("gate_up_proj.weight"):
                 expected[name] = 2
+            elif name.endswith("mlp.gate_up"):  # experts: gate and up of each
+                expected[name] = 2 * self.config.num_experts
+            elif name.endswith("mlp.down"):
+                expected[name] = self.config.num_experts
         filled: dict[str, int] = {}
         for hf_name, tensor in weights:
             if hf_name == "rope_freqs.weight":
@@ -330,7 +271,7 @@ class LlamaForCausalLM(nn.Module):
             shown = ", ".join(missing[:4]) + (f" and {len(missing) - 4} more" if len(missing) > 4 else "")
             raise ModelLoadError(f"checkpoint lacks tensors for {shown}")
 
-    def _param_for(self, hf_name: str) -> tuple[str, int | None] | None:
+    def _param_for(self, hf_name: str) -> tuple[str, int | MoEShard | None] | None:
         if hf_name == "model.embed_tokens.weight":
             return "embed_tokens.weight", None
         if hf_name == "model.norm.weight":
@@ -345,15 +286,21 @@ class LlamaForCausalLM(nn.Module):
         index, rest = match.groups()
         if rest.endswith("rotary_emb.inv_freq"):
             return None
+        if self.config.num_experts and (moe := moe_param_for(rest)) is not None:
+            return f"layers.{index}.{moe[0]}", moe[1]
         module, _, kind = rest.rpartition(".")
         if module in _FUSED_SHARDS:
             fused, shard = _FUSED_SHARDS[module]
             return f"layers.{index}.{fused}.{kind}", shard
         return f"layers.{index}.{rest}", None
 
-    def _shard_view(self, param: torch.Tensor, name: str, shard: int | None) -> torch.Tensor:
+    def _shard_view(self, param: torch.Tensor, name: str, shard: int | MoEShard | None) -> torch.Tensor:
         if shard is None:
             return param
+        if isinstance(shard, tuple):  # one expert's matrix of a fused expert tensor
+            layer = self.layers[int(name.split(".")[1])]
+            assert isinstance(layer.mlp, SparseMoE)
+            return layer.mlp.expert_view(name, shard)
         c = self.config
         sizes = [c.q_size, c.kv_size, c.kv_size] if "qkv_proj" in name else [c.intermediate_size] * 2
         start = sum(sizes[:shard])

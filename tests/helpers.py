@@ -77,6 +77,8 @@ def save_tiny_hf_model(folder: Path, architecture: str = "llama", **overrides: o
         "gemma2": ("Gemma2Config", "Gemma2ForCausalLM"),
         "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM"),
         "phi3": ("Phi3Config", "Phi3ForCausalLM"),
+        "mixtral": ("MixtralConfig", "MixtralForCausalLM"),
+        "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM"),
     }
     config_class, model_class = (getattr(transformers, name) for name in classes[architecture])
     hf_model = model_class(config_class(**{**TINY_HF_SHAPE, **overrides}, attn_implementation="eager"))
