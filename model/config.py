@@ -14,24 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from attnserve.model import families
 from attnserve.model.errors import ModelLoadError
 
-# Architectures whose decoder is ours (see model/llama.py). Qwen2 differs only by a qkv bias,
-# Qwen3 by per-head RMSNorms on q and k before RoPE; Gemma 2 and 3 by the switches below.
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "phi3", "mixtral", "qwen3_moe")
-
-_HF_ARCHITECTURES = {
-    "LlamaForCausalLM": "llama",
-    "MistralForCausalLM": "mistral",
-    "Qwen2ForCausalLM": "qwen2",
-    "Qwen3ForCausalLM": "qwen3",
-    "Gemma2ForCausalLM": "gemma2",
-    "Gemma3ForCausalLM": "gemma3",
-    "Phi3ForCausalLM": "phi3",
-    "MixtralForCausalLM": "mixtral",
-    "Qwen3MoeForCausalLM": "qwen3_moe",
-}
-_HF_MODEL_TYPES = {"gemma3_text": "gemma3"}
+# Architectures whose decoder is ours (see model/llama.py), one module each in model/families/.
+SUPPORTED_ARCHITECTURES = tuple(families.REGISTRY)
 
 
 @dataclass(frozen=True)
@@ -180,47 +167,36 @@ class ModelConfig:
     # ----------------------------------------------------------------- factories
     @classmethod
     def from_hf_config(cls, cfg: Mapping[str, Any], *, name: str = "unnamed") -> ModelConfig:
-        """Build from the dict of an HF ``config.json``."""
-        archs = cfg.get("architectures") or []
-        architecture = next((_HF_ARCHITECTURES[a] for a in archs if a in _HF_ARCHITECTURES), None)
-        if architecture is None:
-            architecture = _HF_MODEL_TYPES.get(cfg.get("model_type", ""), cfg.get("model_type", ""))
-            if architecture not in SUPPORTED_ARCHITECTURES:
-                raise ModelLoadError(
-                    f"config.json describes {archs or architecture!r}; supported: {', '.join(_HF_ARCHITECTURES)}"
-                )
+        """Build from the dict of an HF ``config.json``: the fields every family shares, then its own."""
+        family = families.for_hf_config(cfg)
         num_heads = int(cfg["num_attention_heads"])
         hidden = int(cfg["hidden_size"])
         eos = cfg.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else ((eos,) if eos is not None else ())
-        gemma = _gemma_fields(cfg, architecture) if architecture in ("gemma2", "gemma3") else {}
         head_dim = int(cfg.get("head_dim") or hidden // num_heads)
         rope_params = cfg.get("rope_parameters") or {}
         partial = float(cfg.get("partial_rotary_factor") or rope_params.get("partial_rotary_factor") or 1.0)
-        return cls(
-            architecture=architecture,
-            vocab_size=int(cfg["vocab_size"]),
-            hidden_size=hidden,
-            intermediate_size=int(cfg["intermediate_size"]),
-            num_layers=int(cfg["num_hidden_layers"]),
-            num_heads=num_heads,
-            num_kv_heads=int(cfg.get("num_key_value_heads") or num_heads),
-            head_dim=head_dim,
-            max_position_embeddings=int(cfg.get("max_position_embeddings", 2048)),
-            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-            rotary_dim=None if partial == 1.0 else int(head_dim * partial),
-            rope_theta=_rope_theta(cfg),
-            rope_scaling=_rope_scaling_from_hf(cfg.get("rope_scaling") or _full_rope_parameters(cfg), cfg),
-            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", bool(gemma))),
-            attention_bias=bool(cfg.get("attention_bias", architecture == "qwen2")),
-            qk_norm=architecture in ("qwen3", "gemma3", "qwen3_moe"),
-            sliding_window=_sliding_window_from_hf(cfg, architecture),
-            bos_token_id=cfg.get("bos_token_id"),
-            eos_token_ids=eos_ids,
-            name=name,
-            **gemma,
-            **(_moe_fields(cfg, architecture) if architecture in ("mixtral", "qwen3_moe") else {}),
-        )
+        shared: dict[str, Any] = {
+            "architecture": family.name,
+            "vocab_size": int(cfg["vocab_size"]),
+            "hidden_size": hidden,
+            "intermediate_size": int(cfg["intermediate_size"]),
+            "num_layers": int(cfg["num_hidden_layers"]),
+            "num_heads": num_heads,
+            "num_kv_heads": int(cfg.get("num_key_value_heads") or num_heads),
+            "head_dim": head_dim,
+            "max_position_embeddings": int(cfg.get("max_position_embeddings", 2048)),
+            "rms_norm_eps": float(cfg.get("rms_norm_eps", 1e-6)),
+            "rotary_dim": None if partial == 1.0 else int(head_dim * partial),
+            "rope_theta": families.rope_theta(cfg),
+            "rope_scaling": _rope_scaling_from_hf(cfg.get("rope_scaling") or _full_rope_parameters(cfg), cfg),
+            "tie_word_embeddings": bool(cfg.get("tie_word_embeddings", False)),
+            "attention_bias": bool(cfg.get("attention_bias", False)),
+            "bos_token_id": cfg.get("bos_token_id"),
+            "eos_token_ids": eos_ids,
+            "name": name,
+        }
+        return cls(**(shared | family.hf_fields(cfg)))
 
     @classmethod
     def from_hf_folder(cls, folder: Path) -> ModelConfig:
@@ -241,11 +217,9 @@ class ModelConfig:
     @classmethod
     def from_gguf_metadata(cls, meta: Mapping[str, Any], *, name: str = "unnamed") -> ModelConfig:
         """Build from GGUF key/value metadata (already decoded to Python values)."""
-        arch = meta.get("general.architecture")
-        if arch not in SUPPORTED_ARCHITECTURES:
-            raise ModelLoadError(
-                f"GGUF architecture {arch!r} is not supported (supported: {', '.join(SUPPORTED_ARCHITECTURES)})"
-            )
+        arch = str(meta.get("general.architecture"))
+        family = families.for_gguf(arch)
+        assert family.gguf_fields is not None
 
         def get(key: str, default: Any = None) -> Any:
             value = meta.get(f"{arch}.{key}", default)
@@ -279,22 +253,11 @@ class ModelConfig:
             rope_theta=float(get("rope.freq_base", 10000.0)),
             rope_scaling=scaling,
             tie_word_embeddings=False,  # decided by the loader: tied when output.weight is absent
-            attention_bias=arch == "qwen2",
-            qk_norm=arch == "qwen3",
-            sliding_window=int(window) if (window := meta.get(f"{arch}.attention.sliding_window")) else None,
             bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
             eos_token_ids=(int(eos),) if eos is not None else (),
             name=name,
+            **family.gguf_fields(meta),
         )
-
-
-def _rope_theta(cfg: Mapping[str, Any], layer_type: str = "full_attention") -> float:
-    """``rope_theta``, or transformers 5's ``rope_parameters`` (per layer type where layers differ)."""
-    if cfg.get("rope_theta"):
-        return float(cfg["rope_theta"])
-    params = cfg.get("rope_parameters") or {}
-    params = params.get(layer_type, params)
-    return float(params.get("rope_theta", 10000.0))
 
 
 def _full_rope_parameters(cfg: Mapping[str, Any]) -> Mapping[str, Any] | None:
@@ -304,66 +267,6 @@ def _full_rope_parameters(cfg: Mapping[str, Any]) -> Mapping[str, Any] | None:
     if params.get("rope_type", "default") == "default":
         return None
     return params
-
-
-def _moe_fields(cfg: Mapping[str, Any], architecture: str) -> dict[str, Any]:
-    """Mixtral: softmax over the experts, top-k renormalised. Qwen3-MoE: the same, renormalised only
-    with norm_topk_prob; dense layers among the sparse ones (decoder_sparse_step, mlp_only_layers)
-    are refused rather than loaded wrong."""
-    if architecture == "qwen3_moe" and (int(cfg.get("decoder_sparse_step", 1)) != 1 or cfg.get("mlp_only_layers")):
-        raise ModelLoadError(
-            "qwen3_moe with dense layers (decoder_sparse_step != 1 or mlp_only_layers) is not supported"
-        )
-    return {
-        "num_experts": int(cfg.get("num_local_experts") or cfg.get("num_experts") or 0),
-        "num_experts_per_tok": int(cfg.get("num_experts_per_tok", 2)),
-        "moe_intermediate_size": cfg.get("moe_intermediate_size"),
-        "norm_topk_prob": True if architecture == "mixtral" else bool(cfg.get("norm_topk_prob", False)),
-    }
-
-
-def _gemma_fields(cfg: Mapping[str, Any], architecture: str) -> dict[str, Any]:
-    """What Gemma 2 and Gemma 3 (text) change: GeGLU, (1 + w) norms around both blocks, scaled
-    embeddings, query_pre_attn_scalar, soft-caps (Gemma 2), q/k norms and two RoPE bases (Gemma 3),
-    sliding and full layers (``layer_types``, or Gemma 2's alternation, Gemma 3's 5:1)."""
-    layers = int(cfg["num_hidden_layers"])
-    every = 2 if architecture == "gemma2" else int(cfg.get("sliding_window_pattern", 6))
-    layer_types = cfg.get("layer_types") or [
-        "full_attention" if (i + 1) % every == 0 else "sliding_attention" for i in range(layers)
-    ]
-    act = cfg.get("hidden_activation") or cfg.get("hidden_act") or "gelu_pytorch_tanh"
-    if act not in ("gelu_pytorch_tanh", "gelu_tanh"):
-        raise ModelLoadError(f"{architecture}: hidden_activation {act!r} is not supported (gelu_pytorch_tanh)")
-    fields: dict[str, Any] = {
-        "hidden_act": "gelu_tanh",
-        "norm_offset": 1.0,
-        "scale_embeddings": True,
-        "sandwich_norms": True,
-        "attention_scale": float(cfg.get("query_pre_attn_scalar") or cfg.get("head_dim") or 256) ** -0.5,
-        "attn_logit_softcap": cfg.get("attn_logit_softcapping"),
-        "final_logit_softcap": cfg.get("final_logit_softcapping"),
-        "sliding_layers": tuple(t == "sliding_attention" for t in layer_types),
-    }
-    if architecture == "gemma3":
-        local = cfg.get("rope_local_base_freq") or _rope_theta(cfg, "sliding_attention")
-        fields["rope_local_theta"] = float(local)
-    return fields
-
-
-def _sliding_window_from_hf(cfg: Mapping[str, Any], architecture: str) -> int | None:
-    """The window every layer uses, or None. Qwen2 configs carry a ``sliding_window`` that only
-    applies with ``use_sliding_window`` (and then to the layers past ``max_window_layers``)."""
-    window = cfg.get("sliding_window")
-    if architecture in ("qwen2", "qwen3", "qwen3_moe"):
-        if not cfg.get("use_sliding_window", False):
-            return None
-        raise ModelLoadError(
-            f"{architecture} with use_sliding_window (a window on some layers only) is not supported; "
-            "set use_sliding_window to false in config.json to attend to the whole context"
-        )
-    if window is None or int(window) >= int(cfg.get("max_position_embeddings", 2048)):
-        return None  # a window as long as the context changes nothing
-    return int(window)
 
 
 def _rope_scaling_from_hf(raw: Mapping[str, Any] | None, cfg: Mapping[str, Any] | None = None) -> RopeScaling | None:

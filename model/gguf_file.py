@@ -15,11 +15,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from attnserve.model import families
 from attnserve.model.config import ModelConfig
 from attnserve.model.errors import ModelLoadError
 
 SUPPORTED_TENSOR_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q6_K")
-_PERMUTED_ARCHITECTURES = ("llama", "mistral")
 
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -92,7 +92,7 @@ class GGUFFile:
             # A copy: F32 tensors come back as read-only views of the memory map.
             array = np.array(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32).reshape(shape)
             value = torch.from_numpy(array)
-            if config.architecture in _PERMUTED_ARCHITECTURES:
+            if families.REGISTRY[config.architecture].gguf_permuted_qk:
                 if hf_name.endswith("q_proj.weight"):
                     value = unpermute_rows(value, config.num_heads)
                 elif hf_name.endswith("k_proj.weight"):
