@@ -160,7 +160,12 @@ class ModelConfig:
         attn = h * (self.q_size + 2 * self.kv_size) + self.q_size * h
         if self.attention_bias:
             attn += self.q_size + 2 * self.kv_size
-        per_layer = attn + 3 * h * i + 2 * h
+        mlp = (
+            3 * h * i
+            if not self.num_experts
+            else self.num_experts * 3 * h * self.expert_intermediate_size + h * self.num_experts
+        )
+        per_layer = attn + mlp + 2 * h
         head = 0 if self.tie_word_embeddings else v * h
         return v * h + self.num_layers * per_layer + h + head
 
@@ -382,6 +387,62 @@ NAMED_CONFIGS: dict[str, ModelConfig] = {
         bos_token_id=128000,
         eos_token_ids=(128001, 128009),
         name="llama-3-8b",
+    ),
+}
+
+# The other families at real widths, for benchmarks and GPU runs (random weights; fewer layers
+# than the real models where noted, so that they fit a CPU machine's memory).
+NAMED_CONFIGS |= {
+    "qwen3-8b": NAMED_CONFIGS["llama-3-8b"].replace(
+        architecture="qwen3",
+        num_layers=36,
+        vocab_size=151936,
+        intermediate_size=12288,
+        rope_theta=1e6,
+        max_position_embeddings=40960,
+        tie_word_embeddings=False,
+        qk_norm=True,
+        name="qwen3-8b",
+    ),
+    "gemma-3-4b": ModelConfig(
+        architecture="gemma3",
+        vocab_size=262208,
+        hidden_size=2560,
+        intermediate_size=10240,
+        num_layers=34,
+        num_heads=8,
+        num_kv_heads=4,
+        head_dim=256,
+        max_position_embeddings=131072,
+        rms_norm_eps=1e-6,
+        rope_theta=1e6,
+        rope_scaling=RopeScaling("linear", factor=8.0),
+        tie_word_embeddings=True,
+        qk_norm=True,
+        sliding_window=1024,
+        sliding_layers=tuple((i + 1) % 6 != 0 for i in range(34)),
+        hidden_act="gelu_tanh",
+        norm_offset=1.0,
+        scale_embeddings=True,
+        sandwich_norms=True,
+        attention_scale=256**-0.5,
+        rope_local_theta=10000.0,
+        name="gemma-3-4b",
+    ),
+    "mixtral-8x7b-4l": ModelConfig(  # Mixtral 8x7B's widths, 4 of its 32 layers
+        architecture="mixtral",
+        vocab_size=32000,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_layers=4,
+        num_heads=32,
+        num_kv_heads=8,
+        head_dim=128,
+        max_position_embeddings=32768,
+        rope_theta=1e6,
+        num_experts=8,
+        num_experts_per_tok=2,
+        name="mixtral-8x7b-4l",
     ),
 }
 
