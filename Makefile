@@ -19,7 +19,7 @@ CHROMIUM     ?= /usr/bin/chromium
 # apt-get as root (CI), else through sudo if it needs no password; nothing is asked on stdin.
 SUDO         := $(if $(filter 0,$(shell id -u)),,sudo -n)
 
-.PHONY: help install proto model generate serve browser-deps test test-fast lint bench bench-aiperf bench-engine bench-step bench-hostile llama-server soak image deploy-smoke clean
+.PHONY: help install proto model generate serve browser-deps test test-fast lint bench bench-aiperf bench-engine bench-step bench-hostile fuzz llama-server soak image deploy-smoke clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -89,6 +89,9 @@ llama-server:  ## build llama.cpp's llama-server as a benchmark peer (5-6 min; n
 
 bench-engine: install model  ## offline engine tok/s vs transformers generate, bf16 and fp32 (several minutes)
 	$(PY) bench/engine_bench.py
+
+fuzz: install  ## 10,000 fuzzed gRPC messages, raw bytes and OpenAI bodies against a tiny-model server, with its RSS
+	$(PY) bench/fuzz_doors.py --requests 10000 --seed 1
 
 bench-step: install  ## decode-step time at batch 1..32 x context 128..4096, before/after, beside the copy bandwidth
 	$(PY) bench/step_bench.py
