@@ -19,7 +19,7 @@ CHROMIUM     ?= /usr/bin/chromium
 # apt-get as root (CI), else through sudo if it needs no password; nothing is asked on stdin.
 SUDO         := $(if $(filter 0,$(shell id -u)),,sudo -n)
 
-.PHONY: help install proto model generate serve browser-deps test test-fast lint bench bench-aiperf bench-engine bench-step bench-hostile fuzz llama-server soak image deploy-smoke clean
+.PHONY: help install proto model generate serve browser-deps promtool test test-fast lint bench bench-aiperf bench-engine bench-step bench-hostile fuzz llama-server soak image deploy-smoke clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -71,7 +71,14 @@ browser-deps: $(STAMP)  ## headless chromium (apt-get) and playwright, for tests
 	  || echo "could not install chromium (see $(VENV)/apt-chromium.log): tests/browser will be skipped" >&2; }
 	@$(PY) -c "import playwright" 2>/dev/null || $(PIP) install --quiet -c $(CONSTRAINTS) playwright
 
-test: install model browser-deps  ## install what is missing, then run the suite
+# promtool lints the /metrics exposition in the suite (Debian's prometheus package; ~15 s to install).
+promtool: $(STAMP)
+	@command -v promtool >/dev/null || { echo "installing promtool (apt-get prometheus)"; \
+	  { $(SUDO) apt-get update -qq && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	    --no-install-recommends prometheus; } >$(VENV)/apt-prometheus.log 2>&1 && rm -f $(VENV)/apt-prometheus.log \
+	  || echo "could not install prometheus (see $(VENV)/apt-prometheus.log): the promtool test will be skipped" >&2; }
+
+test: install model browser-deps promtool  ## install what is missing, then run the suite
 	$(PY) -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS)
 
 test-fast: install  ## the inner loop: no server processes, no real model (-m "not slow and not e2e")

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, start_http_server
 
 from attnserve.server.engine.outputs import RequestOutput
-from attnserve.server.engine.records import StepStats
+from attnserve.server.engine.records import EngineStats, StepStats
 from attnserve.server.engine.request import FinishReason, Request
 
 if TYPE_CHECKING:
@@ -161,16 +161,17 @@ class Metrics:
     def bind_engine(self, engine: Engine) -> None:
         """Read the gauges from the engine at scrape time, so they are never stale (an abort
         that leaves nothing to run still shows up at once)."""
-        self.running.set_function(lambda: engine.stats().num_running)
-        self.waiting.set_function(lambda: engine.stats().num_waiting)
-        self.kv_usage.set_function(lambda: engine.stats().kv_cache_usage)
-        self.paused.set_function(lambda: engine.stats().num_paused)
+        stats = _ScrapeStats(engine)
+        self.running.set_function(lambda: stats.get().num_running)
+        self.waiting.set_function(lambda: stats.get().num_waiting)
+        self.kv_usage.set_function(lambda: stats.get().kv_cache_usage)
+        self.paused.set_function(lambda: stats.get().num_paused)
         if self.gateway_gauges:
             waiting, running, kv = self.gateway_gauges
-            waiting.set_function(lambda: engine.stats().num_waiting)
-            running.set_function(lambda: engine.stats().num_running)
-            kv.set_function(lambda: engine.stats().kv_cache_usage)
-        self.backlog.set_function(lambda: engine.stats().stream_backlog_bytes)
+            waiting.set_function(lambda: stats.get().num_waiting)
+            running.set_function(lambda: stats.get().num_running)
+            kv.set_function(lambda: stats.get().kv_cache_usage)
+        self.backlog.set_function(lambda: stats.get().stream_backlog_bytes)
         engine.step_observers.append(self.on_step)
         engine.output_observers.append(self.on_output)
 
@@ -220,3 +221,21 @@ class Metrics:
     def on_rejected(self, reason: str) -> None:
         """A request refused before it reached the engine (invalid, queue full, draining...)."""
         self.failure.labels(reason=reason).inc()
+
+
+class _ScrapeStats:
+    """One ``engine.stats()`` per scrape, shared by the gauges that read it: a snapshot younger
+    than a few milliseconds is reused (every gauge of one scrape is read within that)."""
+
+    MAX_AGE_S = 0.005
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.taken = -1.0
+        self.snapshot: EngineStats | None = None
+
+    def get(self) -> EngineStats:
+        now = time.monotonic()
+        if self.snapshot is None or now - self.taken > self.MAX_AGE_S:
+            self.snapshot, self.taken = self.engine.stats(), now
+        return self.snapshot

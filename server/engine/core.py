@@ -281,9 +281,6 @@ class Engine:
         self._aborts.append((request_id, reason))
         self._wakeup.set()
 
-    def is_in_flight(self, request_id: str) -> bool:
-        return request_id in self._streams
-
     def waiting_room(self) -> int:
         """Requests the waiting queue still takes: a door can refuse before doing any work."""
         return self.config.scheduler.max_num_waiting - self.scheduler.num_waiting

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -213,11 +214,10 @@ def test_grafana_dashboard_uses_exported_metrics() -> None:
         exported.update(s.name for s in family.samples)
         exported.add(family.name + ("_total" if family.type == "counter" else ""))  # labelled: no samples yet
     exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    assert len(exprs) >= 7 and all(re.search(r"attnserve_[a-z0-9_]+", e) for e in exprs), exprs
     titles = " ".join(p["title"].lower() for p in dashboard["panels"])
     for topic in ("time to first token", "inter-token", "tokens/s", "queue", "kv cache", "batch", "error"):
         assert topic in titles, topic
-    import re
-
     for expr in exprs:
         for name in re.findall(r"attnserve_[a-z0-9_]+", expr):
             assert name in exported, f"dashboard uses {name}, which the server does not export"

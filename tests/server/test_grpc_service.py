@@ -15,7 +15,14 @@ import grpc
 import pytest
 import torch
 
-from attnserve.client import Client, DeadlineExceededError, UnauthenticatedError, UnavailableError, row_weights
+from attnserve.client import (
+    Client,
+    DeadlineExceededError,
+    InvalidArgumentError,
+    UnauthenticatedError,
+    UnavailableError,
+    row_weights,
+)
 from attnserve.model.attention import AttentionMetadata
 from attnserve.model.loader import load_model
 from attnserve.v1 import generate_pb2 as pb
@@ -197,7 +204,7 @@ def test_metrics_move_by_the_expected_amounts(client: Client, tiny_server: Serve
     for i in range(3):
         client.generate(token_ids=[10 + i] * 7, max_tokens=5, ignore_eos=True, **GREEDY)
     client.generate(token_ids=[40] * 4, max_tokens=2, ignore_eos=True, attention_layers=[1], **GREEDY)
-    with pytest.raises(Exception, match="max_tokens"):
+    with pytest.raises(InvalidArgumentError, match="max_tokens"):
         client.generate("x", max_tokens=0)
     time.sleep(0.2)
     after = snapshot()

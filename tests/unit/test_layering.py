@@ -1,4 +1,4 @@
-"""DESIGN §2's one-way import rules, checked on the source (no imports executed)."""
+"""The one-way import rules (README "Layout"), checked on the source (no imports executed)."""
 
 from __future__ import annotations
 
