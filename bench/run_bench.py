@@ -140,8 +140,9 @@ def parse_args() -> argparse.Namespace:
     )
     p.add_argument(
         "--also-dtype",
-        default=None,
-        help="a second attnserve row in this dtype (plain sweep only), e.g. float32 beside bfloat16",
+        default="other",
+        help="a second attnserve row in this dtype (plain sweep only); default: the other of bfloat16 and "
+        "float32, so `make bench` shows both; 'none' for one row",
     )
     p.add_argument("--systems", nargs="+", default=["attnserve", "transformers", "llama-server"])
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
@@ -150,7 +151,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--requests-per-concurrency", type=int, default=1, help="requests per point: max(k*C, 4)")
     p.add_argument("--llama-server", default=os.environ.get("LLAMA_SERVER", ".cache/llama.cpp/build/bin/llama-server"))
     p.add_argument("--out", type=Path, default=Path("bench/results"))
-    return p.parse_args()
+    args = p.parse_args()
+    if args.also_dtype == "other":
+        args.also_dtype = "float32" if args.dtype == "bfloat16" else "bfloat16"
+    elif args.also_dtype == "none":
+        args.also_dtype = None
+    return args
 
 
 def at(args: argparse.Namespace, concurrency: int) -> argparse.Namespace:
