@@ -17,6 +17,8 @@ from attnserve.server.engine.request import SamplingParams
 from tests.helpers import save_tiny_hf_model
 from tests.server.engine_utils import make_engine, run_alone, run_together
 
+pytestmark = pytest.mark.slow  # 12 pairs of engines, about a minute
+
 _LAYERS = ["sliding_attention", "full_attention", "sliding_attention"]
 FAMILIES: dict[str, dict[str, Any]] = {
     "mistral": {"sliding_window": 8},
