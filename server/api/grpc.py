@@ -291,6 +291,7 @@ class GeneratorServicer(pb_grpc.GeneratorServiceServicer):
             num_layers=info.num_layers,
             num_heads=info.num_heads,
             num_kv_heads=info.num_kv_heads,
+            layer_windows=info.layer_windows,
             kv_cache_blocks=info.kv_cache_blocks,
             kv_cache_block_size=info.kv_cache_block_size,
             kv_cache_bytes=info.kv_cache_bytes,

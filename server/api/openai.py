@@ -215,6 +215,7 @@ def model_card(info: EngineInfo, created: int) -> dict[str, Any]:
         "num_layers": info.num_layers,
         "num_heads": info.num_heads,
         "num_kv_heads": info.num_kv_heads,
+        "layer_windows": list(info.layer_windows),  # per layer: its sliding window, 0 = whole context
         "dtype": info.dtype,
         "device": info.device,
     }

@@ -181,6 +181,7 @@ class Engine:
             max_num_waiting=sched.max_num_waiting,
             max_num_batched_tokens=sched.max_num_batched_tokens,
             max_stream_backlog_bytes=self.config.stream.max_backlog_bytes,
+            layer_windows=tuple(c.layer_window(i) or 0 for i in range(c.num_layers)),
             batch_invariant=self.batch_invariant,
             determinism=self.determinism,
             generation_defaults=dict(self.loaded.generation_defaults),

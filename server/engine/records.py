@@ -120,6 +120,7 @@ class EngineInfo:
     max_num_waiting: int
     max_num_batched_tokens: int
     max_stream_backlog_bytes: int  # attention bytes a reader may fall behind by before its request pauses
+    layer_windows: tuple[int, ...]  # per layer: its sliding window, 0 = the whole context
     batch_invariant: bool  # a request's tokens do not depend on its batch, chunking or the prefix cache
     determinism: str  # the path in use and what the start-up check found, in words
     generation_defaults: Mapping[str, float] = field(default_factory=dict)  # the model's generation_config.json

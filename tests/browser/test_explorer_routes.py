@@ -117,6 +117,7 @@ def test_model_card_gives_the_shape_get_model_info_gives(servers: tuple[ServerPr
         info.num_heads,
         info.context_length,
     )
+    assert card["layer_windows"] == list(info.layer_windows) == [0] * info.num_layers  # no windows: the whole context
     status, error = http_json(f"{on.http_url}/v1/models/not-this-one", token=TOKEN)
     assert status == 404 and error["error"]["code"] == "model_not_found"
 

@@ -68,6 +68,7 @@ def test_the_config_is_read(family: tuple[Any, LoadedModel]) -> None:
     c = family[1].config
     assert c.sandwich_norms and c.norm_offset == 1.0 and c.scale_embeddings and c.hidden_act == "gelu_tanh"
     assert c.attention_scale == pytest.approx(24**-0.5) and c.sliding_layers == (True, False, True)
+    assert make_engine(family[1], start=False).info().layer_windows == (WINDOW, 0, WINDOW)
     assert c.qk_norm == (c.architecture == "gemma3")
     assert (c.attn_logit_softcap, c.final_logit_softcap) == ((5.0, 3.0) if c.architecture == "gemma2" else (None, None))
 

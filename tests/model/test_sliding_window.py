@@ -42,8 +42,10 @@ def prompts(lengths: tuple[int, ...], seed: int = 0) -> list[list[int]]:
     return [torch.randint(3, 384, (n,), generator=gen).tolist() for n in lengths]
 
 
-def test_the_window_is_read_from_config_json(mistral: tuple[object, LoadedModel]) -> None:
+def test_the_window_is_read_from_config_json_and_reported(mistral: tuple[object, LoadedModel]) -> None:
     assert mistral[1].config.architecture == "mistral" and mistral[1].config.sliding_window == WINDOW
+    engine = make_engine(mistral[1], start=False)
+    assert engine.info().layer_windows == (WINDOW,) * mistral[1].config.num_layers  # GetModelInfo, /v1/models/{id}
 
 
 def test_logits_match_transformers_past_the_window(mistral: tuple[object, LoadedModel]) -> None:

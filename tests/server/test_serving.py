@@ -36,6 +36,7 @@ INFO = EngineInfo(
     max_num_waiting=4,
     max_num_batched_tokens=64,
     max_stream_backlog_bytes=1 << 20,
+    layer_windows=(0, 0),
     batch_invariant=True,
     determinism="stand-in",
 )
