@@ -1,6 +1,6 @@
 """attnserve's Python client: grpc and the generated stubs only (no torch)."""
 
-from attnserve.client.attention import row_array, row_weights
+from attnserve.client.attention import row_array, row_positions, row_weights
 from attnserve.client.client import (
     AbortedError,
     AsyncClient,
@@ -30,5 +30,6 @@ __all__ = [
     "UnavailableError",
     "build_request",
     "row_array",
+    "row_positions",
     "row_weights",
 ]

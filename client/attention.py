@@ -16,13 +16,21 @@ _FORMATS = {
 
 
 def row_weights(row: pb.AttentionRow) -> list[list[float]]:
-    """The row's weights as a (num_heads, context_len) list of lists of floats."""
+    """The row's weights as a (num_heads, context_len) list of lists of floats; for a top-k row
+    (num_kept > 0), (num_heads, num_kept), largest first, their positions in row_positions(row)."""
     code, size = _FORMATS[row.dtype]
+    width = row.num_kept or row.context_len
     count = len(row.weights) // size
-    if count != row.num_heads * row.context_len:
-        raise ValueError(f"{len(row.weights)} bytes do not hold {row.num_heads} x {row.context_len} weights")
+    if count != row.num_heads * width:
+        raise ValueError(f"{len(row.weights)} bytes do not hold {row.num_heads} x {width} weights")
     flat = struct.unpack(f"<{count}{code}", row.weights)
-    return [list(flat[h * row.context_len : (h + 1) * row.context_len]) for h in range(row.num_heads)]
+    return [list(flat[h * width : (h + 1) * width]) for h in range(row.num_heads)]
+
+
+def row_positions(row: pb.AttentionRow) -> list[list[int]]:
+    """A top-k row's key positions, (num_heads, num_kept), in the order of its weights."""
+    flat = struct.unpack(f"<{len(row.positions) // 4}i", row.positions)
+    return [list(flat[h * row.num_kept : (h + 1) * row.num_kept]) for h in range(row.num_heads)]
 
 
 def row_array(row: pb.AttentionRow) -> Any:
@@ -30,4 +38,5 @@ def row_array(row: pb.AttentionRow) -> Any:
     import numpy as np
 
     dtype = "<f4" if row.dtype == pb.WEIGHTS_DTYPE_FLOAT32 else "<f2"
-    return np.frombuffer(row.weights, dtype=dtype).astype(np.float32).reshape(row.num_heads, row.context_len)
+    width = row.num_kept or row.context_len
+    return np.frombuffer(row.weights, dtype=dtype).astype(np.float32).reshape(row.num_heads, width)

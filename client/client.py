@@ -121,6 +121,7 @@ def build_request(
     head_reduction: str = "mean",
     include_prompt: bool = False,
     attention_dtype: str = "float16",
+    attention_top_k: int = 0,
     n: int | None = None,
     priority: int = 0,
     request_id: str = "",
@@ -161,6 +162,7 @@ def build_request(
         request.attention.head_reduction = _REDUCTIONS[head_reduction]
         request.attention.include_prompt = include_prompt
         request.attention.dtype = _DTYPES[attention_dtype]
+        request.attention.top_k = attention_top_k
     return request
 
 

@@ -23,6 +23,7 @@ class AttentionShape:
     num_heads: int  # returned per row: the model's heads, or 1 when reduced
     include_prompt: bool
     bytes_per_weight: int
+    top_k: int = 0  # 0: whole rows; else at most k weights (and k int32 positions) per head row
 
     @classmethod
     def of(
@@ -36,11 +37,15 @@ class AttentionShape:
             num_heads=num_heads if options.reduction is HeadReduction.NONE else 1,
             include_prompt=options.include_prompt,
             bytes_per_weight=options.dtype.num_bytes,
+            top_k=options.top_k,
         )
 
     @property
     def num_bytes(self) -> int:
         p, m = self.num_prompt_tokens, self.max_tokens
+        if self.top_k:  # at most k weights and k positions per head row, whatever its context
+            rows = self.num_completions * m + (p - 1 if self.include_prompt else 0)
+            return self.num_layers * self.num_heads * rows * self.top_k * (self.bytes_per_weight + 4)
         # Generated tokens' rows sit at positions p-1 .. p+m-2: contexts p .. p+m-1.
         generated = m * p + m * (m - 1) // 2
         # Prompt rows (once, on the first completion) at positions 0 .. p-2: contexts 1 .. p-1.
@@ -50,6 +55,8 @@ class AttentionShape:
 
     def describe(self) -> str:
         rows = f"{self.num_prompt_tokens}-token prompt" + (" with its rows" if self.include_prompt else "")
+        if self.top_k:
+            rows += f", top {self.top_k} per row"
         return (
             f"{self.num_layers} layers x {self.num_heads} head rows over a {rows} and "
             f"{self.num_completions} x {self.max_tokens} generated tokens, {self.bytes_per_weight} bytes per weight"

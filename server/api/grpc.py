@@ -74,6 +74,7 @@ def generation_request(request: pb.GenerateRequest) -> GenerationRequest:
             None if a.head_reduction == pb.HEAD_REDUCTION_UNSPECIFIED else _REDUCTION.get(a.head_reduction, "?"),
             a.include_prompt,
             None if a.dtype == pb.WEIGHTS_DTYPE_UNSPECIFIED else _DTYPE_IN.get(a.dtype, "?"),
+            a.top_k,
         )
     return GenerationRequest(
         prompt=opt(request, "prompt"),  # type: ignore[arg-type]
@@ -127,6 +128,8 @@ def _row(r: AttentionRow) -> pb.AttentionRow:
         context_len=r.context_len,
         weights=r.weights,
         dtype=_DTYPE_OUT[r.dtype],
+        num_kept=r.num_kept,
+        positions=r.positions,
     )
 
 

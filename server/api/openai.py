@@ -368,6 +368,11 @@ def attention_json(row: AttentionRow) -> dict[str, Any]:
         "context_len": row.context_len,
         "dtype": row.dtype.value,
         "weights": base64.b64encode(row.weights).decode(),
+        **(
+            {"num_kept": row.num_kept, "positions": base64.b64encode(row.positions).decode()}  # top_k rows
+            if row.num_kept
+            else {}
+        ),
     }
 
 

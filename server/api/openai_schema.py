@@ -29,6 +29,7 @@ class AttentionBody(BaseModel):
     head_reduction: Literal["none", "mean", "max"] | None = None
     include_prompt: bool = False
     dtype: Literal["float16", "float32"] | None = None
+    top_k: UInt32 = 0
 
 
 class StreamOptions(BaseModel):
@@ -109,7 +110,9 @@ class _Common(BaseModel):
             ignore_eos=self.ignore_eos,
             logprobs=logprobs,
             prompt_logprobs=self.prompt_logprobs,
-            attention=None if a is None else AttentionSpec(a.layers, a.head_reduction, a.include_prompt, a.dtype),
+            attention=None
+            if a is None
+            else AttentionSpec(a.layers, a.head_reduction, a.include_prompt, a.dtype, a.top_k),
             n=self.n,
             priority=self.priority,
         )

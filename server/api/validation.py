@@ -108,6 +108,7 @@ class AttentionSpec:
     head_reduction: str | None = None
     include_prompt: bool = False
     dtype: str | None = None  # "float16" (None) or "float32"
+    top_k: int = 0  # 0: whole rows
 
 
 @dataclass
@@ -481,6 +482,13 @@ def _check_attention(r: GenerationRequest, rules: ServingRules, e: _Errors) -> N
         a.dtype,
         f"unknown value {a.dtype!r} (use {', '.join(WEIGHTS_DTYPES)})",
     )
+    context = rules.facts.context_length
+    e.check(
+        0 <= a.top_k <= context,
+        "attention.top_k",
+        a.top_k,
+        f"must be 0 (whole rows) to {context} (the context length), got {a.top_k}",
+    )
 
 
 _CHECKS: tuple[Check, ...] = (
@@ -509,7 +517,7 @@ def _params(r: GenerationRequest, rules: ServingRules) -> SamplingParams:
         layers = tuple(sorted({layer % facts.num_layers for layer in r.attention.layers}))
         reduction = HEAD_REDUCTIONS[r.attention.head_reduction or "mean"]
         dtype = WEIGHTS_DTYPES[r.attention.dtype or "float16"]
-        attention = AttentionOptions(layers, reduction, r.attention.include_prompt, dtype)
+        attention = AttentionOptions(layers, reduction, r.attention.include_prompt, dtype, r.attention.top_k)
     temperature = d.temperature if r.temperature is None else r.temperature
     return SamplingParams(
         temperature=0.0 if temperature < GREEDY_BELOW_TEMPERATURE else temperature,

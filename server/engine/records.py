@@ -73,10 +73,12 @@ class AttentionRow:
     context_len: int
     weights: bytes
     dtype: WeightsDtype = WeightsDtype.FLOAT32
+    num_kept: int = 0  # top-k rows: the columns kept per head (weights is (heads, num_kept)); 0: whole rows
+    positions: bytes = b""  # top-k rows: little-endian int32 key positions, (heads, num_kept)
 
     @property
     def num_bytes(self) -> int:
-        return len(self.weights)
+        return len(self.weights) + len(self.positions)
 
 
 @dataclass

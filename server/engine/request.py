@@ -78,6 +78,7 @@ class AttentionOptions:
     reduction: HeadReduction = HeadReduction.MEAN
     include_prompt: bool = False
     dtype: WeightsDtype = WeightsDtype.FLOAT16
+    top_k: int = 0  # 0: whole rows; else each row's k largest weights and their positions
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from attnserve.server.engine.block_table_rows import BlockTableRows
 from attnserve.server.engine.config import CacheConfig
 from attnserve.server.engine.graph_decode import GraphDecode
 from attnserve.server.engine.records import AttentionRow, RunnerOutput, ScheduledRequest, SchedulerOutput, TokenLogprobs
-from attnserve.server.engine.request import HeadReduction, WeightsDtype
+from attnserve.server.engine.request import AttentionOptions, HeadReduction, WeightsDtype
 
 
 def kv_cache_budget(config: CacheConfig, device: torch.device) -> int:
@@ -131,6 +131,12 @@ class ModelRunner:
                 weights = weights.mean(dim=0, keepdim=True)
             elif options.reduction is HeadReduction.MAX:
                 weights = weights.amax(dim=0, keepdim=True)
+            if options.top_k:
+                for k, position in enumerate(positions):
+                    out.setdefault(item.request_id, []).append(
+                        _top_k_row(weights[:, k, : position + 1], layer, position, options)
+                    )
+                continue
             encoded = weights.to(_TORCH_DTYPE[options.dtype]).cpu().numpy().astype(_WIRE_DTYPE[options.dtype])
             for k, position in enumerate(positions):
                 row = encoded[:, k, : position + 1]  # (heads, context): its own position and all before
@@ -177,6 +183,23 @@ class ModelRunner:
                     fetched.logprobs[k], fetched.top_token_ids[k][: p.logprobs], fetched.top_logprobs[k][: p.logprobs]
                 )
         return fetched.token_ids, logprobs
+
+
+def _top_k_row(weights: torch.Tensor, layer: int, position: int, options: AttentionOptions) -> AttentionRow:
+    """One row (heads, context) cut to each head's k largest weights (largest first) and their positions."""
+    kept, where = weights.topk(min(options.top_k, weights.shape[1]), dim=-1)  # (heads, k)
+    values = kept.to(_TORCH_DTYPE[options.dtype]).cpu().numpy().astype(_WIRE_DTYPE[options.dtype])
+    keys = where.to(torch.int32).cpu().numpy().astype("<i4")
+    return AttentionRow(
+        layer,
+        position,
+        values.shape[0],
+        position + 1,
+        values.tobytes(),
+        options.dtype,
+        num_kept=values.shape[1],
+        positions=keys.tobytes(),
+    )
 
 
 def _attention_positions(item: ScheduledRequest) -> list[int]:

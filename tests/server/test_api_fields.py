@@ -12,7 +12,15 @@ import grpc
 import pytest
 import torch
 
-from attnserve.client import AbortedError, AttnserveError, Client, NotFoundError
+from attnserve.client import (
+    AbortedError,
+    AttnserveError,
+    Client,
+    InvalidArgumentError,
+    NotFoundError,
+    row_positions,
+    row_weights,
+)
 from attnserve.model.attention import AttentionMetadata
 from attnserve.model.loader import load_model
 from tests.helpers import new_cache, scattered_block_tables
@@ -153,3 +161,29 @@ def test_priority_runs_first_and_preempts_a_worse_one(one_at_a_time: ServerProce
     # normal-0 preempted the background request on arrival, urgent preempted normal-0 (FCFS within a priority).
     assert finished == ["urgent", "normal-0", "normal-1", "background"], finished
     assert one_at_a_time.metric("attnserve_num_preemptions_total") >= 2
+
+
+def test_top_k_attention_rows_are_the_top_k_of_the_full_rows(client: Client) -> None:
+    """Same greedy request twice: whole rows, then top-3 rows; each top-k row holds the 3 largest
+    weights of its full row (per head), largest first, with their key positions."""
+    ask = dict(token_ids=list(range(5, 25)), max_tokens=4, ignore_eos=True, temperature=0.0, include_prompt=True)
+    full = client.generate(**ask, attention_layers=[0, 1], head_reduction="none", attention_dtype="float32")
+    top = client.generate(
+        **ask, attention_layers=[0, 1], head_reduction="none", attention_dtype="float32", attention_top_k=3
+    )
+    full_rows = {(r.layer, r.position): row_weights(r) for r in full.completions[0].attention}
+    top_rows = list(top.completions[0].attention)
+    assert len(top_rows) == len(full_rows) and full.completions[0].token_ids == top.completions[0].token_ids
+    for row in top_rows:
+        weights, positions = row_weights(row), row_positions(row)
+        assert row.num_kept == min(3, row.context_len) and len(row.weights) == row.num_heads * row.num_kept * 4
+        for head, (kept, keys) in enumerate(zip(weights, positions, strict=True)):
+            whole = full_rows[(row.layer, row.position)][head]
+            assert kept == sorted(kept, reverse=True)
+            assert [whole[k] for k in keys] == kept
+            assert kept == sorted(whole, reverse=True)[: row.num_kept]
+
+
+def test_top_k_past_the_context_is_refused(client: Client) -> None:
+    with pytest.raises(InvalidArgumentError, match=r"attention\.top_k"):
+        client.generate("hi", max_tokens=2, attention_layers=[0], attention_top_k=10**6)

@@ -169,6 +169,21 @@ def test_attention_rows_come_in_the_dtype_asked_for(server: ServerProcess) -> No
     assert all(len(base64.b64decode(r["weights"])) == 2 * r["context_len"] for r in rows)
 
 
+def test_top_k_attention_rows_over_http(server: ServerProcess) -> None:
+    """extra_body attention.top_k: each row carries its k largest weights and their positions."""
+    ask: dict[str, Any] = dict(model="tiny", prompt="a longer prompt to rank", max_tokens=3, **GREEDY)
+    full = sdk(server).completions.create(**ask, extra_body={**LONG, "attention": {"layers": [1], "dtype": "float32"}})
+    top_k = {"layers": [1], "dtype": "float32", "top_k": 2}
+    top = sdk(server).completions.create(**ask, extra_body={**LONG, "attention": top_k})
+    whole = {r["position"]: row_array(r)[0] for r in full.model_dump()["choices"][0]["attention"]}
+    for row in top.model_dump()["choices"][0]["attention"]:
+        kept = np.frombuffer(base64.b64decode(row["weights"]), dtype="<f4")
+        keys = np.frombuffer(base64.b64decode(row["positions"]), dtype="<i4")
+        assert row["num_kept"] == 2 == len(kept) == len(keys)
+        np.testing.assert_array_equal(kept, whole[row["position"]][keys])
+        np.testing.assert_array_equal(kept, np.sort(whole[row["position"]])[::-1][:2])
+
+
 # ------------------------------------------------------------------- streaming
 def test_a_streamed_completion_equals_the_whole_one(server: ServerProcess) -> None:
     client = sdk(server)
