@@ -60,7 +60,7 @@ class RowLayout:
     num_tokens: int
     crow: torch.Tensor  # (rows + 1,) offsets of each row's entries
     cols: torch.Tensor  # (nnz,) cache row (slot * Hkv + kv_head) of each entry
-    row_lens: torch.Tensor  # (rows,) int64 entries per row (its position + 1)
+    row_lens: torch.Tensor  # (rows,) int64 entries per row (its position + 1, or its window)
     row_offsets: torch.Tensor  # (rows + 1,) int64: crow as segment_reduce takes it
     pattern: torch.Tensor  # sparse CSR (rows, num_slots * Hkv): sampled_addmm's pattern, its values the scores
 
