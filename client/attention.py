@@ -19,7 +19,7 @@ def row_weights(row: pb.AttentionRow) -> list[list[float]]:
     """The row's weights as a (num_heads, context_len) list of lists of floats; for a top-k row
     (num_kept > 0), (num_heads, num_kept), largest first, their positions in row_positions(row)."""
     code, size = _FORMATS[row.dtype]
-    width = row.num_kept or row.context_len
+    width = row.num_spans or row.num_kept or row.context_len
     count = len(row.weights) // size
     if count != row.num_heads * width:
         raise ValueError(f"{len(row.weights)} bytes do not hold {row.num_heads} x {width} weights")
@@ -38,5 +38,5 @@ def row_array(row: pb.AttentionRow) -> Any:
     import numpy as np
 
     dtype = "<f4" if row.dtype == pb.WEIGHTS_DTYPE_FLOAT32 else "<f2"
-    width = row.num_kept or row.context_len
+    width = row.num_spans or row.num_kept or row.context_len
     return np.frombuffer(row.weights, dtype=dtype).astype(np.float32).reshape(row.num_heads, width)

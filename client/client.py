@@ -122,6 +122,7 @@ def build_request(
     include_prompt: bool = False,
     attention_dtype: str = "float16",
     attention_top_k: int = 0,
+    attention_spans: Sequence[tuple[int, int]] = (),
     n: int | None = None,
     priority: int = 0,
     request_id: str = "",
@@ -163,6 +164,8 @@ def build_request(
         request.attention.include_prompt = include_prompt
         request.attention.dtype = _DTYPES[attention_dtype]
         request.attention.top_k = attention_top_k
+        for start, end in attention_spans:
+            request.attention.spans.add(start=start, end=end)
     return request
 
 

@@ -24,6 +24,7 @@ class AttentionShape:
     include_prompt: bool
     bytes_per_weight: int
     top_k: int = 0  # 0: whole rows; else at most k weights (and k int32 positions) per head row
+    num_spans: int = 0  # span sums: that many weights per head row
 
     @classmethod
     def of(
@@ -38,13 +39,16 @@ class AttentionShape:
             include_prompt=options.include_prompt,
             bytes_per_weight=options.dtype.num_bytes,
             top_k=options.top_k,
+            num_spans=len(options.spans),
         )
 
     @property
     def num_bytes(self) -> int:
         p, m = self.num_prompt_tokens, self.max_tokens
+        rows = self.num_completions * m + (p - 1 if self.include_prompt else 0)
+        if self.num_spans:  # one sum per span per head row, whatever its context
+            return self.num_layers * self.num_heads * rows * self.num_spans * self.bytes_per_weight
         if self.top_k:  # at most k weights and k positions per head row, whatever its context
-            rows = self.num_completions * m + (p - 1 if self.include_prompt else 0)
             return self.num_layers * self.num_heads * rows * self.top_k * (self.bytes_per_weight + 4)
         # Generated tokens' rows sit at positions p-1 .. p+m-2: contexts p .. p+m-1.
         generated = m * p + m * (m - 1) // 2

@@ -75,6 +75,7 @@ def generation_request(request: pb.GenerateRequest) -> GenerationRequest:
             a.include_prompt,
             None if a.dtype == pb.WEIGHTS_DTYPE_UNSPECIFIED else _DTYPE_IN.get(a.dtype, "?"),
             a.top_k,
+            tuple((span.start, span.end) for span in a.spans),
         )
     return GenerationRequest(
         prompt=opt(request, "prompt"),  # type: ignore[arg-type]
@@ -130,6 +131,7 @@ def _row(r: AttentionRow) -> pb.AttentionRow:
         dtype=_DTYPE_OUT[r.dtype],
         num_kept=r.num_kept,
         positions=r.positions,
+        num_spans=r.num_spans,
     )
 
 

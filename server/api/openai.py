@@ -373,6 +373,7 @@ def attention_json(row: AttentionRow) -> dict[str, Any]:
             if row.num_kept
             else {}
         ),
+        **({"num_spans": row.num_spans} if row.num_spans else {}),  # weights: (num_heads, num_spans) sums
     }
 
 

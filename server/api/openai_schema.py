@@ -30,6 +30,7 @@ class AttentionBody(BaseModel):
     include_prompt: bool = False
     dtype: Literal["float16", "float32"] | None = None
     top_k: UInt32 = 0
+    spans: list[tuple[UInt32, UInt32]] = []  # [[start, end), ...]: each row's sum over each span
 
 
 class StreamOptions(BaseModel):
@@ -112,7 +113,9 @@ class _Common(BaseModel):
             prompt_logprobs=self.prompt_logprobs,
             attention=None
             if a is None
-            else AttentionSpec(a.layers, a.head_reduction, a.include_prompt, a.dtype, a.top_k),
+            else AttentionSpec(
+                a.layers, a.head_reduction, a.include_prompt, a.dtype, a.top_k, [tuple(s) for s in a.spans]
+            ),
             n=self.n,
             priority=self.priority,
         )

@@ -109,6 +109,7 @@ class AttentionSpec:
     include_prompt: bool = False
     dtype: str | None = None  # "float16" (None) or "float32"
     top_k: int = 0  # 0: whole rows
+    spans: Sequence[tuple[int, int]] = ()  # [start, end) key ranges: each row's sum over each
 
 
 @dataclass
@@ -296,6 +297,8 @@ def _check_response_size(
 # ---------------------------------------------------------------- the checks
 Check = Callable[[GenerationRequest, ServingRules, _Errors], None]
 
+
+MAX_ATTENTION_SPANS = 64
 
 # Request ids are written into the one-line-per-request log: printable ASCII without spaces, so
 # no id can end a line, start a forged one, or carry terminal escapes.
@@ -489,6 +492,20 @@ def _check_attention(r: GenerationRequest, rules: ServingRules, e: _Errors) -> N
         a.top_k,
         f"must be 0 (whole rows) to {context} (the context length), got {a.top_k}",
     )
+    e.check(
+        len(a.spans) <= MAX_ATTENTION_SPANS,
+        "attention.spans",
+        len(a.spans),
+        f"{len(a.spans)} spans; at most {MAX_ATTENTION_SPANS}",
+    )
+    e.check(not (a.spans and a.top_k), "attention.spans", len(a.spans), "ask for spans or top_k, not both")
+    for i, (start, end) in enumerate(a.spans[:MAX_ATTENTION_SPANS]):
+        e.check(
+            0 <= start < end <= context,
+            f"attention.spans[{i}]",
+            [start, end],
+            f"need 0 <= start < end <= {context} (the context length), got [{start}, {end})",
+        )
 
 
 _CHECKS: tuple[Check, ...] = (
@@ -517,7 +534,9 @@ def _params(r: GenerationRequest, rules: ServingRules) -> SamplingParams:
         layers = tuple(sorted({layer % facts.num_layers for layer in r.attention.layers}))
         reduction = HEAD_REDUCTIONS[r.attention.head_reduction or "mean"]
         dtype = WEIGHTS_DTYPES[r.attention.dtype or "float16"]
-        attention = AttentionOptions(layers, reduction, r.attention.include_prompt, dtype, r.attention.top_k)
+        attention = AttentionOptions(
+            layers, reduction, r.attention.include_prompt, dtype, r.attention.top_k, tuple(r.attention.spans)
+        )
     temperature = d.temperature if r.temperature is None else r.temperature
     return SamplingParams(
         temperature=0.0 if temperature < GREEDY_BELOW_TEMPERATURE else temperature,

@@ -75,6 +75,7 @@ class AttentionRow:
     dtype: WeightsDtype = WeightsDtype.FLOAT32
     num_kept: int = 0  # top-k rows: the columns kept per head (weights is (heads, num_kept)); 0: whole rows
     positions: bytes = b""  # top-k rows: little-endian int32 key positions, (heads, num_kept)
+    num_spans: int = 0  # span sums: weights is (heads, num_spans); 0: not span sums
 
     @property
     def num_bytes(self) -> int:

@@ -79,6 +79,7 @@ class AttentionOptions:
     include_prompt: bool = False
     dtype: WeightsDtype = WeightsDtype.FLOAT16
     top_k: int = 0  # 0: whole rows; else each row's k largest weights and their positions
+    spans: tuple[tuple[int, int], ...] = ()  # instead of rows: each row's sum over each [start, end)
 
 
 @dataclass(frozen=True)

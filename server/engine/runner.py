@@ -131,6 +131,23 @@ class ModelRunner:
                 weights = weights.mean(dim=0, keepdim=True)
             elif options.reduction is HeadReduction.MAX:
                 weights = weights.amax(dim=0, keepdim=True)
+            if options.spans:  # each span's sum, per row: contiguous slices summed in order, row by row
+                sums = torch.stack([weights[..., start:end].sum(-1) for start, end in options.spans], dim=-1)
+                encoded = sums.to(_TORCH_DTYPE[options.dtype]).cpu().numpy().astype(_WIRE_DTYPE[options.dtype])
+                for k, position in enumerate(positions):
+                    row = encoded[:, k]  # (heads, spans)
+                    out.setdefault(item.request_id, []).append(
+                        AttentionRow(
+                            layer,
+                            position,
+                            row.shape[0],
+                            position + 1,
+                            row.tobytes(),
+                            options.dtype,
+                            num_spans=row.shape[1],
+                        )
+                    )
+                continue
             if options.top_k:
                 for k, position in enumerate(positions):
                     out.setdefault(item.request_id, []).append(

@@ -187,3 +187,34 @@ def test_top_k_attention_rows_are_the_top_k_of_the_full_rows(client: Client) -> 
 def test_top_k_past_the_context_is_refused(client: Client) -> None:
     with pytest.raises(InvalidArgumentError, match=r"attention\.top_k"):
         client.generate("hi", max_tokens=2, attention_layers=[0], attention_top_k=10**6)
+
+
+def test_span_sums_are_the_sums_of_the_full_rows(client: Client) -> None:
+    """How much each part of a prompt was read: each row's weight on each span, per head."""
+    ask = dict(token_ids=list(range(5, 25)), max_tokens=3, ignore_eos=True, temperature=0.0, include_prompt=True)
+    rows = dict(attention_layers=[1], head_reduction="none", attention_dtype="float32")
+    spans = [(0, 4), (4, 15), (15, 40)]
+    full = client.generate(**ask, **rows)
+    summed = client.generate(**ask, **rows, attention_spans=spans)
+    whole = {r.position: row_weights(r) for r in full.completions[0].attention}
+    assert len(summed.completions[0].attention) == len(whole)
+    for row in summed.completions[0].attention:
+        assert row.num_spans == 3 and len(row.weights) == row.num_heads * 3 * 4
+        for head, sums in enumerate(row_weights(row)):
+            expected = [sum(whole[row.position][head][start:end]) for start, end in spans]
+            assert sums == pytest.approx(expected, abs=1e-6)
+            assert sum(sums) == pytest.approx(1.0, abs=1e-5)  # the spans cover every position
+
+
+@pytest.mark.parametrize(
+    ("spans", "top_k", "field"),
+    [
+        ([(3, 3)], 0, r"attention\.spans\[0\]"),
+        ([(0, 2)] * 65, 0, r"attention\.spans"),
+        ([(0, 2)], 2, r"spans or top_k"),
+    ],
+    ids=["empty-span", "too-many", "with-top-k"],
+)
+def test_bad_spans_are_refused(client: Client, spans: list[tuple[int, int]], top_k: int, field: str) -> None:
+    with pytest.raises(InvalidArgumentError, match=field):
+        client.generate("hi", max_tokens=2, attention_layers=[0], attention_spans=spans, attention_top_k=top_k)

@@ -184,6 +184,15 @@ def test_top_k_attention_rows_over_http(server: ServerProcess) -> None:
         np.testing.assert_array_equal(kept, np.sort(whole[row["position"]])[::-1][:2])
 
 
+def test_span_sums_over_http(server: ServerProcess) -> None:
+    ask: dict[str, Any] = dict(model="tiny", prompt="how much of each part", max_tokens=2, **GREEDY)
+    spans = {"layers": [0], "dtype": "float32", "head_reduction": "mean", "spans": [[0, 3], [3, 64]]}
+    reply = sdk(server).completions.create(**ask, extra_body={**LONG, "attention": spans})
+    for row in reply.model_dump()["choices"][0]["attention"]:
+        sums = np.frombuffer(base64.b64decode(row["weights"]), dtype="<f4")
+        assert row["num_spans"] == 2 == len(sums) and abs(float(sums.sum()) - 1.0) < 1e-5
+
+
 # ------------------------------------------------------------------- streaming
 def test_a_streamed_completion_equals_the_whole_one(server: ServerProcess) -> None:
     client = sdk(server)
