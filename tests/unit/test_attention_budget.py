@@ -22,3 +22,8 @@ def test_whole_rows_grow_with_the_context_and_top_k_rows_do_not() -> None:
     # Twice the prompt, twice the rows: linear in the rows, not quadratic in the context.
     assert shape(8192, dtype=WeightsDtype.FLOAT16, top_k=8).num_bytes < 2.01 * top.num_bytes
     assert "top 8 per row" in top.describe()
+
+
+def test_span_sums_cost_one_weight_per_span_per_head_row() -> None:
+    spans = shape(4096, dtype=WeightsDtype.FLOAT32, spans=((0, 100), (100, 4096)))
+    assert spans.num_bytes == 2 * 9 * (16 + 4095) * 2 * 4
