@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from attnserve.model.attention import AttentionMetadata, kv_cache_dtype
+from attnserve.model.attention import AttentionMetadata
 from attnserve.model.fetch import default_model_path
 from attnserve.model.generate import generate_tokens
 from attnserve.model.kv_cache import KVCache
@@ -51,13 +51,7 @@ QUESTIONS = [
 def our_logits(model: LlamaForCausalLM, ids: list[int], block_size: int = 16) -> torch.Tensor:
     """(len, vocab) float32 logits of every prompt position, one sequence in one forward."""
     num_blocks = -(-len(ids) // block_size)
-    cache = KVCache.allocate(
-        model.config,
-        num_blocks=num_blocks,
-        block_size=block_size,
-        dtype=kv_cache_dtype(model.dtype, model.device, batch_invariant=True),
-        device=model.device,
-    )
+    cache = KVCache.for_model(model, num_blocks=num_blocks, block_size=block_size)
     meta = AttentionMetadata.build(
         block_tables=[list(range(num_blocks))], seq_lens=[len(ids)], query_lens=[len(ids)], block_size=block_size
     )

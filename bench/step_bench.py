@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from attnserve.model import attention
-from attnserve.model.attention import AttentionMetadata, kv_cache_dtype
+from attnserve.model.attention import AttentionMetadata
 from attnserve.model.kv_cache import KVCache, kv_cache_bytes_per_block
 from attnserve.model.loader import LoadedModel, load_model, parse_dtype
 
@@ -82,13 +82,7 @@ def step_timer(loaded: LoadedModel, batch: int, context: int, block_size: int) -
     """A function timing one decode step of `batch` sequences at `context` tokens (metadata built untimed)."""
     model = loaded.model
     num_blocks_each = -(-context // block_size)
-    cache = KVCache.allocate(
-        loaded.config,
-        num_blocks=1 + batch * num_blocks_each,
-        block_size=block_size,
-        dtype=kv_cache_dtype(model.dtype, model.device, batch_invariant=True),
-        device="cpu",
-    )
+    cache = KVCache.for_model(model, num_blocks=1 + batch * num_blocks_each, block_size=block_size)
     for layer in cache.layers:  # K/V values as a real cache would hold them
         layer.normal_()
     tables = interleaved_tables(batch, num_blocks_each)

@@ -20,25 +20,14 @@ import time
 from collections import defaultdict
 
 import torch
+from step_bench import copy_bandwidth  # run as a script: bench/ is on the path
 from torch.profiler import ProfilerActivity, profile
 
-from attnserve.model.attention import AttentionMetadata, kv_cache_dtype
+from attnserve.model.attention import AttentionMetadata
 from attnserve.model.kv_cache import KVCache
 from attnserve.model.llama import LlamaForCausalLM
 from attnserve.model.loader import cpu_flags, load_model, parse_dtype
 from attnserve.model.packed import Linear
-
-
-def copy_bandwidth(num_bytes: int = 512 << 20, repeats: int = 7) -> float:
-    """Bytes per second of one large tensor copy (each byte counted once), best of a few."""
-    src = torch.ones(num_bytes // 4)
-    dst = torch.empty_like(src)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        dst.copy_(src)
-        best = min(best, time.perf_counter() - start)
-    return num_bytes / best
 
 
 def weight_bytes_read(model: LlamaForCausalLM) -> int:
@@ -57,8 +46,7 @@ def weight_bytes_read(model: LlamaForCausalLM) -> int:
 
 def decode_step(model: LlamaForCausalLM, context: int, block_size: int = 16):
     num_blocks = -(-(context + 1) // block_size)
-    kv_dtype = kv_cache_dtype(model.dtype, model.device, batch_invariant=True)
-    cache = KVCache.allocate(model.config, num_blocks=num_blocks, block_size=block_size, dtype=kv_dtype, device="cpu")
+    cache = KVCache.for_model(model, num_blocks=num_blocks, block_size=block_size)
     for layer in cache.layers:
         layer.normal_()
     table = [list(range(num_blocks))]

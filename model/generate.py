@@ -11,7 +11,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from attnserve.model.attention import AttentionMetadata, kv_cache_dtype
+from attnserve.model.attention import AttentionMetadata
 from attnserve.model.kv_cache import KVCache
 from attnserve.model.llama import LlamaForCausalLM
 from attnserve.model.sampling import SamplingTensors, sample, step_generator
@@ -35,13 +35,7 @@ def generate_tokens(
         raise ValueError("prompt_ids must not be empty")
     total = min(len(prompt_ids) + max_tokens, model.config.max_position_embeddings)
     num_blocks = -(-total // block_size)
-    cache = KVCache.allocate(
-        model.config,
-        num_blocks=num_blocks,
-        block_size=block_size,
-        dtype=kv_cache_dtype(model.dtype, model.device, batch_invariant=True),
-        device=model.device,
-    )
+    cache = KVCache.for_model(model, num_blocks=num_blocks, block_size=block_size)
     table = list(range(num_blocks))
     params = SamplingTensors.from_lists(temperature=[temperature], top_k=[top_k], top_p=[top_p], device=model.device)
     ids = list(prompt_ids)

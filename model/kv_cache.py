@@ -9,10 +9,15 @@ addressed directly by the slot numbers the block manager hands out.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
+from attnserve.model.attention import kv_cache_dtype
 from attnserve.model.config import ModelConfig
+
+if TYPE_CHECKING:
+    from attnserve.model.llama import LlamaForCausalLM
 
 
 def kv_cache_bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -36,6 +41,16 @@ class KVCache:
             raise ValueError(f"num_blocks and block_size must be > 0, got {num_blocks} and {block_size}")
         shape = (2, num_blocks, block_size, config.num_kv_heads, config.head_dim)
         return cls([torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_layers)], block_size)
+
+    @classmethod
+    def for_model(
+        cls, model: LlamaForCausalLM, *, num_blocks: int, block_size: int, batch_invariant: bool = True
+    ) -> KVCache:
+        """A cache for ``model`` on its device, in the dtype its attention path reads (kv_cache_dtype)."""
+        dtype = kv_cache_dtype(model.dtype, model.device, batch_invariant=batch_invariant)
+        return cls.allocate(
+            model.config, num_blocks=num_blocks, block_size=block_size, dtype=dtype, device=model.device
+        )
 
     @property
     def num_blocks(self) -> int:

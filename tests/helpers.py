@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from attnserve.model.attention import AttentionMetadata, kv_cache_dtype
+from attnserve.model.attention import AttentionMetadata
 from attnserve.model.kv_cache import KVCache
 from attnserve.model.llama import LlamaForCausalLM
 
@@ -28,13 +29,7 @@ def scattered_block_tables(lengths: Sequence[int], block_size: int) -> list[list
 
 def new_cache(model: LlamaForCausalLM, tables: Sequence[Sequence[int]], block_size: int) -> KVCache:
     num_blocks = 1 + max(b for t in tables for b in t)
-    return KVCache.allocate(
-        model.config,
-        num_blocks=num_blocks,
-        block_size=block_size,
-        dtype=kv_cache_dtype(model.dtype, model.device, batch_invariant=True),
-        device=model.device,
-    )
+    return KVCache.for_model(model, num_blocks=num_blocks, block_size=block_size)
 
 
 @torch.inference_mode()
@@ -85,6 +80,15 @@ def save_tiny_hf_model(folder: Path, architecture: str = "llama", **overrides: o
     hf_model = hf_model.float().eval()
     hf_model.save_pretrained(folder, safe_serialization=True)
     return hf_model
+
+
+def write_byte_tokenizer(folder: Path) -> None:
+    """A byte-level tokenizer for the tiny vocabulary (tokenizer.json, tokenizer_config.json): what
+    load_model needs beside a tiny model's weights."""
+    from attnserve.model.tokenizer import Tokenizer
+
+    Tokenizer.byte_level(TINY_HF_SHAPE["vocab_size"]).backend.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
 
 
 def random_paged_cache(

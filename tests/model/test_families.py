@@ -10,7 +10,6 @@ in chunks smaller than the window; attention rows are the soft-capped, windowed 
 from __future__ import annotations
 
 import asyncio
-import json
 from typing import Any
 
 import numpy as np
@@ -18,9 +17,8 @@ import pytest
 import torch
 
 from attnserve.model.loader import LoadedModel, load_model
-from attnserve.model.tokenizer import Tokenizer
 from attnserve.server.engine.request import AttentionOptions, HeadReduction, SamplingParams, WeightsDtype
-from tests.helpers import forward_all, save_tiny_hf_model
+from tests.helpers import forward_all, save_tiny_hf_model, write_byte_tokenizer
 from tests.server.engine_utils import make_engine
 
 WINDOW = 8
@@ -54,8 +52,7 @@ def family(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
             if name.endswith("norm.weight"):
                 param.uniform_(-0.5, 0.5)
     hf.save_pretrained(folder, safe_serialization=True)
-    Tokenizer.byte_level(384).backend.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<bos>", "eos_token": "<eos>"}))
+    write_byte_tokenizer(folder)
     return hf, load_model(folder, dtype=torch.float32)
 
 

@@ -13,7 +13,7 @@ import torch
 
 from attnserve.model.loader import LoadedModel, load_model
 from attnserve.model.tokenizer import Tokenizer
-from tests.helpers import forward_all, save_tiny_hf_model
+from tests.helpers import forward_all, save_tiny_hf_model, write_byte_tokenizer
 
 TOLERANCE = 1e-3
 
@@ -82,7 +82,7 @@ def test_longrope_tables_match_transformers_on_both_sides_of_the_original_contex
     forward's length, so each side is compared with a forward of its own length."""
     pytest.importorskip("transformers")
     hf_model = save_tiny_hf_model(tmp_path, "phi3", **_FAMILY_OVERRIDES["phi3"])
-    Tokenizer.byte_level(384).backend.save(str(tmp_path / "tokenizer.json"))
+    write_byte_tokenizer(tmp_path)
     ours = load_model(tmp_path, dtype=torch.float32)
     cos, sin = ours.model.rotary(torch.arange(40), torch.float32)  # (40, 1, rope_dim)
     rotary = hf_model.model.rotary_emb

@@ -1,11 +1,10 @@
 """Mixture of experts (Mixtral, Qwen3-MoE) against transformers on tiny random models: logits,
-greedy tokens through the engine, per-expert checkpoints as well as fused ones, and a token's
-result independent of its batch (the grouped expert matmuls see other row counts)."""
+greedy tokens through the engine, per-expert checkpoints as well as fused ones. (A token's result
+independent of its batch: tests/server/test_family_invariance.py.)"""
 
 from __future__ import annotations
 
 import asyncio
-import json
 from pathlib import Path
 from typing import Any
 
@@ -14,10 +13,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from attnserve.model.loader import LoadedModel, load_model
-from attnserve.model.tokenizer import Tokenizer
 from attnserve.server.engine.request import SamplingParams
-from tests.helpers import forward_all, save_tiny_hf_model
-from tests.server.engine_utils import make_engine, run_alone, run_together
+from tests.helpers import forward_all, save_tiny_hf_model, write_byte_tokenizer
+from tests.server.engine_utils import make_engine
 
 FAMILIES: dict[str, dict[str, Any]] = {
     "mixtral": {"num_local_experts": 6, "num_experts_per_tok": 2, "intermediate_size": 48},
@@ -34,8 +32,7 @@ FAMILIES: dict[str, dict[str, Any]] = {
 def hf_folder(folder: Path, architecture: str) -> Any:
     torch.manual_seed(0)
     hf = save_tiny_hf_model(folder, architecture, initializer_range=0.1, **FAMILIES[architecture])
-    Tokenizer.byte_level(384).backend.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+    write_byte_tokenizer(folder)
     return hf
 
 
@@ -75,27 +72,6 @@ def test_greedy_tokens_through_the_engine_match_transformers(moe: tuple[Any, Loa
             assert out.token_ids == ids[len(prompt) :]
     finally:
         engine.shutdown(5)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
-def test_a_tokens_experts_and_result_do_not_depend_on_its_batch(
-    moe: tuple[Any, LoadedModel], tmp_path: Path, dtype: torch.dtype
-) -> None:
-    _, fp32 = moe
-    folder = tmp_path / "model"
-    hf_folder(folder, fp32.config.architecture)
-    loaded = load_model(folder, dtype=dtype)
-    ps = prompts(tuple(range(5, 37, 2)), seed=3)  # 16 prompts of 5..35 tokens
-    params = SamplingParams(max_tokens=24, ignore_eos=True)
-    together_engine = make_engine(loaded, max_num_batched_tokens=24, block_size=4)
-    alone_engine = make_engine(loaded, max_num_batched_tokens=24, block_size=4)
-    try:
-        together = run_together(together_engine, ps, params)
-        alone = run_alone(alone_engine, ps, params)
-    finally:
-        together_engine.shutdown(5)
-        alone_engine.shutdown(5)
-    assert [o.token_ids for o in together] == [o.token_ids for o in alone]
 
 
 def test_per_expert_checkpoints_load_as_the_fused_ones(moe: tuple[Any, LoadedModel], tmp_path: Path) -> None:

@@ -8,7 +8,6 @@ attention rows that are zero outside the window.
 from __future__ import annotations
 
 import asyncio
-import json
 
 import numpy as np
 import pytest
@@ -18,9 +17,8 @@ from attnserve.model.attention import causal_mask
 from attnserve.model.config import ModelConfig
 from attnserve.model.errors import ModelLoadError
 from attnserve.model.loader import LoadedModel, load_model
-from attnserve.model.tokenizer import Tokenizer
 from attnserve.server.engine.request import AttentionOptions, HeadReduction, SamplingParams, WeightsDtype
-from tests.helpers import forward_all, save_tiny_hf_model
+from tests.helpers import forward_all, save_tiny_hf_model, write_byte_tokenizer
 from tests.server.engine_utils import make_engine
 
 WINDOW = 8
@@ -32,8 +30,7 @@ def mistral(tmp_path_factory: pytest.TempPathFactory) -> tuple[object, LoadedMod
     folder = tmp_path_factory.mktemp("mistral")
     torch.manual_seed(0)
     hf = save_tiny_hf_model(folder, "mistral", sliding_window=WINDOW, initializer_range=0.1)
-    Tokenizer.byte_level(384).backend.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+    write_byte_tokenizer(folder)
     return hf, load_model(folder, dtype=torch.float32)
 
 

@@ -4,7 +4,6 @@ experts all run inside the same row-exact step)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -12,9 +11,8 @@ import pytest
 import torch
 
 from attnserve.model.loader import load_model
-from attnserve.model.tokenizer import Tokenizer
 from attnserve.server.engine.request import SamplingParams
-from tests.helpers import save_tiny_hf_model
+from tests.helpers import save_tiny_hf_model, write_byte_tokenizer
 from tests.server.engine_utils import make_engine, run_alone, run_together
 
 pytestmark = pytest.mark.slow  # 12 pairs of engines, about a minute
@@ -27,6 +25,7 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "gemma3": {"head_dim": 16, "sliding_window": 8, "layer_types": _LAYERS},
     "phi3": {"partial_rotary_factor": 0.75, "pad_token_id": 0, "eos_token_id": 2},
     "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2, "intermediate_size": 48},
+    "qwen3_moe": {"num_experts": 6, "num_experts_per_tok": 3, "moe_intermediate_size": 40, "head_dim": 16},
 }
 
 
@@ -36,8 +35,7 @@ def test_16_prompts_alone_and_among_15_others(tmp_path: Path, family: str, dtype
     pytest.importorskip("transformers")
     torch.manual_seed(0)
     save_tiny_hf_model(tmp_path, family, initializer_range=0.1, **FAMILIES[family])
-    Tokenizer.byte_level(384).backend.save(str(tmp_path / "tokenizer.json"))
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+    write_byte_tokenizer(tmp_path)
     loaded = load_model(tmp_path, dtype=dtype)
     gen = torch.Generator().manual_seed(4)
     prompts = [
