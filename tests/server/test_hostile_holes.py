@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import re
-import time
 import urllib.error
 import urllib.request
 from typing import Any
@@ -111,7 +110,7 @@ def test_a_grpc_deadline_is_logged_and_counted_as_a_deadline_with_its_tokens(
     before = tiny_server.metric("attnserve_request_failure_total", 'reason="deadline"', default=0.0)
     with pytest.raises(DeadlineExceededError):
         client.generate("slow", request_id="late-one", max_tokens=900, ignore_eos=True, timeout=0.5)
-    wait_for(lambda: "request_id=late-one " in tiny_server.log(), timeout=5)
+    wait_for(lambda: "request_id=late-one " in tiny_server.log(), timeout=30)
     line = next(line for line in tiny_server.log().splitlines() if "request_id=late-one " in line)
     assert "status=DEADLINE_EXCEEDED" in line, line
     assert re.search(r"prompt_tokens=\d+ ", line), line
@@ -126,8 +125,8 @@ def test_a_cancelled_stream_logs_the_tokens_it_got(client: Client, tiny_server: 
     for _ in range(3):
         next(stream)
     stream.close()
-    time.sleep(0.2)
-    wait_for(lambda: "request_id=leaver " in tiny_server.log(), timeout=5)
+    # The cancel reaches the server at once; on a loaded CI machine its log line has taken over 5 s.
+    wait_for(lambda: "request_id=leaver " in tiny_server.log(), timeout=30)
     line = next(line for line in tiny_server.log().splitlines() if "request_id=leaver " in line)
     assert "status=CANCELLED" in line
     completion = int(re.search(r"completion_tokens=(\d+)", line).group(1))  # type: ignore[union-attr]
