@@ -37,6 +37,7 @@ $(STAMP): pyproject.toml client/pyproject.toml $(CONSTRAINTS)
 	rm -rf attnserve  # stubs' old home at the top level: it would shadow the installed namespace
 	$(PIP) install --quiet -c $(CONSTRAINTS) -e './client[plot]'  # plot: the CLI's --attention-png heatmap
 	$(PIP) install --quiet --find-links $(TORCH_WHEELS) -c $(CONSTRAINTS) -e '.[test,dev]'
+	$(PY) -m attnserve.model.kernels.cpu_native  # native CPU kernels, built once here, not at first serve
 	touch $(STAMP)
 
 install: $(STAMP) $(GEN)  ## create .venv with torch (CPU, local wheel), the project and its extras

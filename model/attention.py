@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from attnserve.model.kernels import cpu_sparse
+from attnserve.model.kernels import cpu_native, cpu_sparse
 from attnserve.model.kernels.gather import context_kv
 
 # (sequence index, layer index) -> the asked rows' queries (rows, num_heads, head_dim), rotated.
@@ -87,6 +87,11 @@ class AttentionMetadata:
     input_ids: torch.Tensor | None = None  # (T,) the step's tokens, when build() was given them
     # CPU: every row through the row-exact sparse path (see the module docstring).
     batch_invariant: bool = True
+    # The native row kernel's arguments (CPU, batch-invariant): every sequence's block table
+    # (S, W) int32, each row's sequence (T,) int32 and how many positions it sees (T,) int64.
+    row_tables: torch.Tensor | None = None
+    row_seqs: torch.Tensor | None = None
+    row_contexts: torch.Tensor | None = None
     # Per-step derived layouts shared by every layer (the CPU sparse patterns).
     _cpu_layouts: dict[tuple[int, int, int, bool, int | None], list[cpu_sparse.RowLayout]] = field(
         default_factory=dict, repr=False, compare=False
@@ -139,6 +144,9 @@ class AttentionMetadata:
         upload = _Upload(device)
         decode_tables = upload.table(block_tables, seq_lens, decode_seqs, block_size, table_rows)
         prefill_tables = upload.table(block_tables, seq_lens, prefill_seqs, block_size, table_rows)
+        native_rows = batch_invariant and torch.device(device).type == "cpu"
+        if native_rows:
+            all_tables = upload.table(block_tables, seq_lens, list(range(len(seq_lens))), block_size, table_rows)
         fields = {
             "slot_mapping": upload.ints(slots),
             "positions": upload.ints(positions),
@@ -150,6 +158,9 @@ class AttentionMetadata:
             "prefill_seq_lens": upload.ints([seq_lens[i] for i in prefill_seqs], torch.int32),
             "input_ids": upload.ints(list(token_ids or ())),
         }
+        if native_rows:
+            fields["row_seqs"] = upload.ints([i for i, n in enumerate(query_lens) for _ in range(n)], torch.int32)
+            fields["row_contexts"] = upload.ints([p + 1 for p in positions])
         sent = upload.send()
         t = {name: sent[index] for name, index in fields.items()}
         tables = sent[decode_tables], sent[prefill_tables]
@@ -179,6 +190,9 @@ class AttentionMetadata:
             attention_rows=dict(attention_rows or {}),
             input_ids=None if token_ids is None else t["input_ids"],
             batch_invariant=batch_invariant,
+            row_tables=sent[all_tables] if native_rows else None,
+            row_seqs=t.get("row_seqs"),
+            row_contexts=t.get("row_contexts"),
         )
 
     def cpu_layouts(
@@ -320,9 +334,14 @@ def write_kv(layer_cache: torch.Tensor, slot_mapping: torch.Tensor, kv: torch.Te
     flat.index_copy_(1, slot_mapping, kv.transpose(0, 1))
 
 
+def native_rows(meta: AttentionMetadata) -> bool:
+    """Whether this step's CPU rows run on the native kernels (model/kernels/cpu_native.py)."""
+    return meta.row_tables is not None and cpu_native.available()
+
+
 def paged_attention(
     q: torch.Tensor,
-    kv: torch.Tensor,
+    kv: torch.Tensor | None,
     layer_cache: torch.Tensor,
     meta: AttentionMetadata,
     *,
@@ -334,10 +353,17 @@ def paged_attention(
     """Attention of new tokens over their sequences' cached context (or its last ``window`` positions),
     scores soft-capped to (-softcap, softcap) before the softmax when given.
 
-    q: (T, H, D); kv: (T, 2, Hkv, D) the new keys (already rotated) and values. Returns (T, H, D).
+    q: (T, H, D); kv: (T, 2, Hkv, D) the new keys (already rotated) and values, or None where they
+    are in the cache already (``rope_write_kv``). Returns (T, H, D).
     """
-    write_kv(layer_cache, meta.slot_mapping, kv)
-    if meta.batch_invariant and not q.is_cuda:
+    if kv is not None:
+        write_kv(layer_cache, meta.slot_mapping, kv)
+    if native_rows(meta):
+        assert meta.row_tables is not None and meta.row_seqs is not None and meta.row_contexts is not None
+        out = torch.ops.attnserve.row_attention(
+            q, layer_cache, meta.row_tables, meta.row_seqs, meta.row_contexts, scale, window or 0, softcap or 0.0
+        )
+    elif meta.batch_invariant and not q.is_cuda:
         layouts = meta.cpu_layouts(q.shape[1], layer_cache, window=window)
         out = cpu_sparse.sparse_attention(q, layer_cache, layouts, scale, softcap=softcap)
     elif window is not None or softcap is not None:
@@ -345,6 +371,7 @@ def paged_attention(
     elif meta.is_pure_decode:
         out = decode_attention(q, layer_cache, meta, scale)
     else:
+        assert kv is not None
         out = torch.empty_like(q)
         if meta.decode_rows is not None:
             out[meta.decode_rows] = decode_attention(q[meta.decode_rows], layer_cache, meta, scale)

@@ -16,9 +16,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attnserve.model.attention import AttentionMetadata, captured_attention_weights, paged_attention
+from attnserve.model.attention import AttentionMetadata, captured_attention_weights, native_rows, paged_attention
 from attnserve.model.config import ModelConfig
 from attnserve.model.errors import ModelLoadError
+from attnserve.model.kernels import cpu_native
 from attnserve.model.kv_cache import KVCache
 from attnserve.model.moe import MoEShard, SparseMoE, moe_param_for
 from attnserve.model.packed import Linear, PackedWeight
@@ -28,13 +29,20 @@ from attnserve.model.rope import RotaryEmbedding, rotate_in_place
 class RMSNorm(nn.Module):
     """x / rms(x) * (offset + weight). Gemma (offset 1) stores weight - 1 and normalises in float32."""
 
+    native = False  # set by prepare_for_inference() where the native CPU kernels run
+
     def __init__(self, size: int, eps: float, offset: float = 0.0) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
         self.offset = offset
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual_delta: torch.Tensor | None = None) -> torch.Tensor:
+        """RMSNorm(x); with ``residual_delta``, x += residual_delta first (in place: x is the residual)."""
+        if self.native and x.dim() == 2 and x.is_contiguous():  # one op for the add and the norm
+            return torch.ops.attnserve.add_rms_norm(x, residual_delta, self.weight, self.eps, self.offset)
+        if residual_delta is not None:
+            x += residual_delta
         if self.offset:
             scale = self.weight.float() + self.offset
             return F.rms_norm(x.float(), (x.shape[-1],), scale, self.eps).to(x.dtype)
@@ -67,18 +75,33 @@ class Attention(nn.Module):
         layer_cache: torch.Tensor,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        num_tokens, heads = x.shape[0], self.num_heads + self.num_kv_heads
+        num_tokens = x.shape[0]
         qkv = self.qkv_proj(x)
-        qk = qkv[:, : self.q_size + self.kv_size].view(num_tokens, heads, self.head_dim)
         if self.q_norm is not None and self.k_norm is not None:  # written back in place, as RoPE is
+            qk = self._qk_heads(qkv)
             qk[:, : self.num_heads] = self.q_norm(qk[:, : self.num_heads])
             qk[:, self.num_heads :] = self.k_norm(qk[:, self.num_heads :])
-        # q and k are adjacent in qkv: rotate them in one go, in place (fewer small ops per layer),
-        # which leaves k and v adjacent too: the cache takes them in one copy. Partial rotary
-        # (Phi-4-mini) rotates each head's leading rope_dim dims and passes the rest through.
-        rotate_in_place(qk if self.rope_dim == self.head_dim else qk[..., : self.rope_dim], cos, sin)
+        # Partial rotary (Phi-4-mini) rotates each head's leading rope_dim dims and passes the rest through.
+        kv: torch.Tensor | None = None
+        if native_rows(meta):  # one native op: q and k rotated in place, k and v stored in the cache
+            torch.ops.attnserve.rope_write_kv(
+                qkv,
+                cos,
+                sin,
+                layer_cache,
+                meta.slot_mapping,
+                self.num_heads,
+                self.num_kv_heads,
+                self.head_dim,
+                self.rope_dim,
+            )
+        else:
+            # q and k are adjacent in qkv: rotated in one go, in place, which leaves k and v adjacent
+            # too: the cache takes them in one copy.
+            qk = self._qk_heads(qkv)
+            rotate_in_place(qk if self.rope_dim == self.head_dim else qk[..., : self.rope_dim], cos, sin)
+            kv = qkv[:, self.q_size :].view(num_tokens, 2, self.num_kv_heads, self.head_dim)  # (T, 2, Hkv, D)
         q = qkv[:, : self.q_size].view(num_tokens, self.num_heads, self.head_dim)  # (T, H, D)
-        kv = qkv[:, self.q_size :].view(num_tokens, 2, self.num_kv_heads, self.head_dim)  # (T, 2, Hkv, D)
         out = paged_attention(
             q,
             kv,
@@ -91,16 +114,26 @@ class Attention(nn.Module):
         )
         return self.o_proj(out.reshape(num_tokens, self.q_size))
 
+    def _qk_heads(self, qkv: torch.Tensor) -> torch.Tensor:
+        """(T, H + Hkv, D): the query and key heads of the projections, a view."""
+        heads = self.num_heads + self.num_kv_heads
+        return qkv[:, : self.q_size + self.kv_size].view(qkv.shape[0], heads, self.head_dim)
+
 
 class MLP(nn.Module):
+    native = False  # set by prepare_for_inference() where the native CPU kernels run
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.intermediate_size = config.intermediate_size
-        self.act = F.silu if config.hidden_act == "silu" else partial(F.gelu, approximate="tanh")
+        self.gelu = config.hidden_act != "silu"
+        self.act = partial(F.gelu, approximate="tanh") if self.gelu else F.silu
         self.gate_up_proj = Linear(config.hidden_size, 2 * config.intermediate_size, bias=False)
         self.down_proj = Linear(config.intermediate_size, config.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.native:  # act(gate) * up in one op
+            return self.down_proj(torch.ops.attnserve.gated_act(self.gate_up_proj(x), self.gelu))
         gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
         return self.down_proj(self.act(gate) * up)
 
@@ -125,8 +158,9 @@ class DecoderLayer(nn.Module):
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layer_cache: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
         if not self.sandwich:
-            x = x + self.self_attn(self.input_layernorm(x), cos, sin, layer_cache, meta)
-            return x + self.mlp(self.post_attention_layernorm(x))
+            x = x.clone() if x.requires_grad else x  # the residual is updated in place below
+            attended = self.self_attn(self.input_layernorm(x), cos, sin, layer_cache, meta)
+            return x + self.mlp(self.post_attention_layernorm(x, residual_delta=attended))
         x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, layer_cache, meta))
         return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
 
@@ -217,9 +251,13 @@ class LlamaForCausalLM(nn.Module):
 
     def prepare_for_inference(self) -> LlamaForCausalLM:
         """Re-pack weights into the fastest layout for this device and dtype; call after loading."""
+        # Built (the first time on this machine) here, before serving, never inside a step.
+        native = self.device.type == "cpu" and cpu_native.load()
         for module in self.modules():
             if isinstance(module, Linear | SparseMoE):
                 module.pack()
+            if isinstance(module, RMSNorm | MLP):
+                module.native = native
         self._packed_head = None if self.lm_head is not None else PackedWeight.pack(self.embed_tokens.weight, None)
         return self
 

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from attnserve.model.kernels import cpu_native
+
 
 def packed_dtype(weight: torch.Tensor) -> torch.dtype | None:
     """The dtype oneDNN computes this CPU weight's linear in, or None where it is not packed (CUDA).
@@ -32,6 +34,7 @@ class PackedWeight:
     weight: torch.Tensor
     bias: torch.Tensor | None
     dtype: torch.dtype
+    native: bool = False  # the call runs as one native op (model/kernels/cpu_native.py)
 
     @classmethod
     def pack(cls, weight: torch.Tensor, bias: torch.Tensor | None) -> PackedWeight | None:
@@ -39,7 +42,7 @@ class PackedWeight:
         if dtype is None:
             return None
         packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(dtype), 16)
-        return cls(packed, None if bias is None else bias.detach().to(dtype), dtype)
+        return cls(packed, None if bias is None else bias.detach().to(dtype), dtype, cpu_native.available())
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """x (M, in) -> (M, out), each row's sums in one order whatever M.
@@ -48,6 +51,8 @@ class PackedWeight:
         its GEMM kernels, which agree with each other for every M >= 2 (checked at start-up, see
         model/invariance.py): a lone row is computed as the first of two.
         """
+        if self.native and x.dtype == self.dtype:  # the same call, expand and slice included, as one op
+            return torch.ops.attnserve.packed_linear(x, self.weight, self.bias)
         rows, out_dtype = x.shape[0], x.dtype
         if rows == 1:
             x = x.expand(2, -1)  # a view: oneDNN reads the row twice (no copy op)

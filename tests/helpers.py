@@ -136,3 +136,15 @@ def reference_paged_attention(
     hidden = torch.arange(seq_len)[None, :] > positions[:, None]  # (n, L) keys after each query
     weights = scores.masked_fill(hidden, float("-inf")).softmax(dim=-1)
     return torch.einsum("hqk,khd->qhd", weights, v)
+
+
+def tiny_model_greedy_tokens(
+    dtype: str = "float32", prompt: Sequence[int] = (5, 17, 99, 3, 42), steps: int = 24
+) -> list[int]:
+    """Greedy tokens of the random tiny model, loaded and prepared as the server loads it."""
+    from attnserve.model.generate import generate_tokens
+    from attnserve.model.loader import load_model, parse_dtype
+
+    loaded = load_model("dummy:tiny", dtype=parse_dtype(dtype))
+    with torch.inference_mode():
+        return list(generate_tokens(loaded.model, list(prompt), max_tokens=steps))
