@@ -252,7 +252,7 @@ class LlamaForCausalLM(nn.Module):
     def prepare_for_inference(self) -> LlamaForCausalLM:
         """Re-pack weights into the fastest layout for this device and dtype; call after loading."""
         # Built (the first time on this machine) here, before serving, never inside a step.
-        native = self.device.type == "cpu" and cpu_native.load()
+        native = self.device.type == "cpu" and cpu_native.available()
         for module in self.modules():
             if isinstance(module, Linear | SparseMoE):
                 module.pack()

@@ -80,8 +80,17 @@ def load() -> bool:
     return hasattr(torch.ops.attnserve, "row_attention")
 
 
+_switched_off = False
+
+
 def available() -> bool:
-    return load()
+    return not _switched_off and load()
+
+
+def switch(on: bool) -> None:
+    """Turn the kernels off (or back on) in this process; models prepared afterwards follow (benchmarks)."""
+    global _switched_off
+    _switched_off = not on
 
 
 if __name__ == "__main__":  # make install: build ahead of the first server start
