@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from attnserve.model.hooks import LayerHooks
 from attnserve.model.kernels import cpu_native, cpu_sparse
 from attnserve.model.kernels.gather import context_kv
 
@@ -92,6 +93,8 @@ class AttentionMetadata:
     row_tables: torch.Tensor | None = None
     row_seqs: torch.Tensor | None = None
     row_contexts: torch.Tensor | None = None
+    # Reads, steering and head scaling of chosen rows, per layer (model/hooks.py); empty: none.
+    hooks: dict[int, LayerHooks] = field(default_factory=dict)
     # Per-step derived layouts shared by every layer (the CPU sparse patterns).
     _cpu_layouts: dict[tuple[int, int, int, bool, int | None], list[cpu_sparse.RowLayout]] = field(
         default_factory=dict, repr=False, compare=False

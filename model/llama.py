@@ -112,6 +112,9 @@ class Attention(nn.Module):
             window=self.window,
             softcap=self.softcap,
         )
+        hooks = meta.hooks.get(self.layer_index) if meta.hooks else None
+        if hooks is not None:
+            out = hooks.scale_heads(out)
         return self.o_proj(out.reshape(num_tokens, self.q_size))
 
     def _qk_heads(self, qkv: torch.Tensor) -> torch.Tensor:
@@ -144,6 +147,7 @@ class DecoderLayer(nn.Module):
 
     def __init__(self, config: ModelConfig, layer_index: int) -> None:
         super().__init__()
+        self.layer_index = layer_index
         norm = partial(RMSNorm, config.hidden_size, config.rms_norm_eps, config.norm_offset)
         self.input_layernorm = norm()
         self.self_attn = Attention(config, layer_index)
@@ -157,12 +161,30 @@ class DecoderLayer(nn.Module):
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layer_cache: torch.Tensor, meta: AttentionMetadata
     ) -> torch.Tensor:
-        if not self.sandwich:
+        hooks = meta.hooks.get(self.layer_index) if meta.hooks else None
+        if hooks is not None:
+            x = hooks.at("resid_pre", x.clone())  # a copy: steering writes in place
+        if self.sandwich:
+            attended = self.self_attn(self.input_layernorm(x), cos, sin, layer_cache, meta)
+            attended = self.post_attention_layernorm(attended)
+            x = x + (attended if hooks is None else hooks.at("attn_out", attended))
+            if hooks is not None:
+                x = hooks.at("resid_mid", x)
+            out = self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        else:
             x = x.clone() if x.requires_grad else x  # the residual is updated in place below
             attended = self.self_attn(self.input_layernorm(x), cos, sin, layer_cache, meta)
-            return x + self.mlp(self.post_attention_layernorm(x, residual_delta=attended))
-        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), cos, sin, layer_cache, meta))
-        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+            if hooks is not None:
+                attended = hooks.at("attn_out", attended)
+            normed = self.post_attention_layernorm(x, residual_delta=attended)  # x is now resid_mid
+            if hooks is not None:
+                hooks.at("resid_mid", x)
+                if hooks.steers("resid_mid"):  # the norm of the steered residual (row-wise: other rows' bits hold)
+                    normed = self.post_attention_layernorm(x)
+            out = self.mlp(normed)
+        if hooks is None:
+            return x + out
+        return hooks.at("resid_post", x + hooks.at("mlp_out", out))
 
 
 # Hugging Face parameter names -> (our parameter, which shard of a fused tensor).
@@ -223,9 +245,13 @@ class LlamaForCausalLM(nn.Module):
             x = layer(x, layer_cos, layer_sin, layer_cache, attn_metadata)
         if attn_metadata.logits_indices is not None:
             x = x[attn_metadata.logits_indices]
-        x = self.norm(x)
+        return self.logit_lens(x)  # the last layer's lens is the model's own logits (rows, vocab)
+
+    def logit_lens(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits (float32) that the final norm and the unembedding make of residual rows (n, hidden)."""
+        x = self.norm(hidden.to(self.dtype).contiguous())
         if self.lm_head is not None:
-            logits = self.lm_head(x).float()  # (rows, vocab)
+            logits = self.lm_head(x).float()
         elif self._packed_head is not None:
             logits = self._packed_head(x).float()
         else:

@@ -62,10 +62,11 @@ class GraphDecode:
         return next((b for b in self.buckets if b >= batch), None)
 
     def can_run(self, meta: AttentionMetadata) -> bool:
-        """A pure decode whose batch fits a bucket, with logits for every row in order."""
+        """A pure decode whose batch fits a bucket, with logits for every row in order, no hooks."""
         table = meta.decode_block_tables
         return (
             meta.is_pure_decode
+            and not meta.hooks
             and self.bucket(len(meta.seq_lens)) is not None
             and table is not None
             and table.shape[1] <= self.block_tables.shape[1]
