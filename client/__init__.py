@@ -15,8 +15,10 @@ from attnserve.client.client import (
     UnavailableError,
     build_request,
 )
+from attnserve.client.inspection import Ablate, Steer, residual_values
 
 __all__ = [
+    "Ablate",
     "AbortedError",
     "AsyncClient",
     "AttnserveError",
@@ -26,9 +28,11 @@ __all__ = [
     "InvalidArgumentError",
     "NotFoundError",
     "ResourceExhaustedError",
+    "Steer",
     "UnauthenticatedError",
     "UnavailableError",
     "build_request",
+    "residual_values",
     "row_array",
     "row_positions",
     "row_weights",

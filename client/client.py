@@ -18,6 +18,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from attnserve.client.inspection import POINTS, Ablate, Steer
 from attnserve.v1 import generate_pb2 as pb
 from attnserve.v1 import generate_pb2_grpc as pb_grpc
 
@@ -123,13 +124,26 @@ def build_request(
     attention_dtype: str = "float16",
     attention_top_k: int = 0,
     attention_spans: Sequence[tuple[int, int]] = (),
+    residual_points: Sequence[str] = (),
+    residual_layers: Sequence[int] = (),
+    residual_dtype: str = "float32",
+    logit_lens_layers: Sequence[int] = (),
+    logit_lens_top_k: int = 5,
+    inspect_prompt: bool = False,
+    steering: Sequence[Steer] = (),
+    ablations: Sequence[Ablate] = (),
     n: int | None = None,
     priority: int = 0,
     request_id: str = "",
     model: str = "",
 ) -> pb.GenerateRequest:
     """One GenerateRequest from keyword arguments. ``chat=True`` sends ``prompt`` as a user message.
-    Unset sampling fields take the server's defaults (GetServerInfo.default_sampling)."""
+    Unset sampling fields take the server's defaults (GetServerInfo.default_sampling).
+
+    Look inside: ``residual_points`` (resid_pre, attn_out, resid_mid, mlp_out, resid_post) at
+    ``residual_layers``; ``logit_lens_layers`` with their ``logit_lens_top_k``; both for each generated
+    token, and every prompt position with ``inspect_prompt``. Steer: ``steering`` vectors and
+    head ``ablations`` (client.inspection.Steer, Ablate)."""
     request = pb.GenerateRequest(request_id=request_id, model=model, priority=priority)
     if chat and prompt is not None:
         messages, prompt = [("user", prompt)], None
@@ -166,6 +180,17 @@ def build_request(
         request.attention.top_k = attention_top_k
         for start, end in attention_spans:
             request.attention.spans.add(start=start, end=end)
+    if residual_points or residual_layers:
+        request.residuals.points.extend(POINTS[p] for p in residual_points)
+        request.residuals.layers.extend(residual_layers)
+        request.residuals.include_prompt = inspect_prompt
+        request.residuals.dtype = _DTYPES[residual_dtype]
+    if logit_lens_layers:
+        request.logit_lens.layers.extend(logit_lens_layers)
+        request.logit_lens.top_k = logit_lens_top_k
+        request.logit_lens.include_prompt = inspect_prompt
+    request.steering.extend(s.message() for s in steering)
+    request.ablations.extend(a.message() for a in ablations)
     return request
 
 

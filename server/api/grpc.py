@@ -15,10 +15,11 @@ from dataclasses import replace
 import grpc
 
 from attnserve.server.api.errors import ErrorKind, ServiceError
+from attnserve.server.api.inspection import AblationSpec, InspectionSpec, LensSpec, ResidualSpec, SteeringSpec
 from attnserve.server.api.serving import CompletionDelta, GenerationService, ServerInfo
 from attnserve.server.api.validation import AttentionSpec, ChatTurn, FieldError, GenerationRequest, Prompt
 from attnserve.server.engine.outputs import Timings, Usage
-from attnserve.server.engine.records import AttentionRow, TokenLogprobs
+from attnserve.server.engine.records import AttentionRow, LensRow, ResidualRow, TokenLogprobs
 from attnserve.server.engine.request import FinishReason, WeightsDtype
 from attnserve.v1 import generate_pb2 as pb
 from attnserve.v1 import generate_pb2_grpc as pb_grpc
@@ -37,6 +38,20 @@ _FINISH = {FinishReason.STOP: pb.FINISH_REASON_STOP, FinishReason.LENGTH: pb.FIN
 _REDUCTION = {pb.HEAD_REDUCTION_NONE: "none", pb.HEAD_REDUCTION_MEAN: "mean", pb.HEAD_REDUCTION_MAX: "max"}
 _DTYPE_IN = {pb.WEIGHTS_DTYPE_FLOAT16: "float16", pb.WEIGHTS_DTYPE_FLOAT32: "float32"}
 _DTYPE_OUT = {WeightsDtype.FLOAT16: pb.WEIGHTS_DTYPE_FLOAT16, WeightsDtype.FLOAT32: pb.WEIGHTS_DTYPE_FLOAT32}
+_POINT_IN = {
+    pb.RESIDUAL_POINT_RESID_PRE: "resid_pre",
+    pb.RESIDUAL_POINT_ATTN_OUT: "attn_out",
+    pb.RESIDUAL_POINT_RESID_MID: "resid_mid",
+    pb.RESIDUAL_POINT_MLP_OUT: "mlp_out",
+    pb.RESIDUAL_POINT_RESID_POST: "resid_post",
+}
+_POINT_OUT = {name: value for value, name in _POINT_IN.items()}
+_POSITIONS_IN = {
+    pb.INTERVENTION_POSITIONS_UNSPECIFIED: "all",
+    pb.INTERVENTION_POSITIONS_ALL: "all",
+    pb.INTERVENTION_POSITIONS_PROMPT: "prompt",
+    pb.INTERVENTION_POSITIONS_GENERATED: "generated",
+}
 # Neutral field names -> where they sit in a GenerateRequest.
 _WIRE_NAMES = {
     "logprobs": "logprobs.top_n",
@@ -98,7 +113,36 @@ def generation_request(request: pb.GenerateRequest) -> GenerationRequest:
         attention=attention,
         n=opt(request, "n"),  # type: ignore[arg-type]
         priority=request.priority,
+        inspection=_inspection(request),
     )
+
+
+def _inspection(request: pb.GenerateRequest) -> InspectionSpec | None:
+    residuals = lens = None
+    if request.HasField("residuals"):
+        r = request.residuals
+        residuals = ResidualSpec(
+            tuple(_POINT_IN.get(p, "?") for p in r.points),
+            tuple(r.layers),
+            r.include_prompt,
+            None if r.dtype == pb.WEIGHTS_DTYPE_UNSPECIFIED else _DTYPE_IN.get(r.dtype, "?"),
+        )
+    if request.HasField("logit_lens"):
+        g = request.logit_lens
+        lens = LensSpec(tuple(g.layers), g.top_k or None, g.include_prompt)
+    steering = tuple(
+        SteeringSpec(
+            s.layer,
+            s.vector,
+            None if s.point == pb.RESIDUAL_POINT_UNSPECIFIED else _POINT_IN.get(s.point, "?"),
+            s.scale if s.HasField("scale") else None,
+            _POSITIONS_IN.get(s.positions, "?"),
+        )
+        for s in request.steering
+    )
+    ablations = tuple(AblationSpec(a.layer, tuple(a.heads), a.scale) for a in request.ablations)
+    spec = InspectionSpec(residuals, lens, steering, ablations)
+    return None if spec.is_empty else spec
 
 
 def _turns(messages: Sequence[pb.ChatMessage]) -> tuple[ChatTurn, ...]:
@@ -135,6 +179,16 @@ def _row(r: AttentionRow) -> pb.AttentionRow:
     )
 
 
+def _residual(r: ResidualRow) -> pb.ResidualVector:
+    return pb.ResidualVector(
+        point=_POINT_OUT[r.point], layer=r.layer, position=r.position, values=r.values, dtype=_DTYPE_OUT[r.dtype]
+    )
+
+
+def _lens(r: LensRow) -> pb.LensRow:
+    return pb.LensRow(layer=r.layer, position=r.position, token_ids=r.token_ids, probs=r.probs)
+
+
 def _usage(usage: Usage) -> pb.Usage:
     return pb.Usage(
         prompt_tokens=usage.prompt_tokens, completion_tokens=usage.completion_tokens, cached_tokens=usage.cached_tokens
@@ -163,12 +217,15 @@ def stream_messages(delta: CompletionDelta, max_bytes: int) -> Iterator[pb.Gener
     message = pb.GenerateStreamResponse(request_id=delta.request_id, index=delta.index)
     message.prompt_logprobs.extend(_prompt_logprobs(out.prompt_logprobs))
     size = message.ByteSize()
-    for row in out.attention:
-        row_size = len(row.weights) + 64
-        if message.attention and size + row_size > budget:
+    rows: list[tuple[str, object, int]] = [("attention", _row(r), r.num_bytes) for r in out.attention]
+    rows += [("residuals", _residual(r), r.num_bytes) for r in out.residuals]
+    rows += [("logit_lens", _lens(r), r.num_bytes) for r in out.lens]
+    for name, row, num_bytes in rows:
+        row_size = num_bytes + 64
+        if size > 0 and size + row_size > budget:
             yield message
             message, size = pb.GenerateStreamResponse(request_id=delta.request_id, index=delta.index), 0
-        message.attention.append(_row(row))
+        getattr(message, name).append(row)
         size += row_size
     message.token_ids.extend(out.token_ids)
     message.text = out.text
@@ -190,6 +247,8 @@ def _add_to_response(response: pb.GenerateResponse, delta: CompletionDelta) -> N
     completion.text += out.text
     completion.logprobs.extend(_logprobs(out.token_ids, out.logprobs))
     completion.attention.extend(_row(r) for r in out.attention)
+    completion.residuals.extend(_residual(r) for r in out.residuals)
+    completion.logit_lens.extend(_lens(r) for r in out.lens)
     response.prompt_logprobs.extend(_prompt_logprobs(out.prompt_logprobs))
     if out.finish_reason is not None:
         _finish(completion, out.finish_reason, out.stop_reason)
@@ -297,6 +356,7 @@ class GeneratorServicer(pb_grpc.GeneratorServiceServicer):
             num_heads=info.num_heads,
             num_kv_heads=info.num_kv_heads,
             layer_windows=info.layer_windows,
+            hidden_size=info.hidden_size,
             kv_cache_blocks=info.kv_cache_blocks,
             kv_cache_block_size=info.kv_cache_block_size,
             kv_cache_bytes=info.kv_cache_bytes,

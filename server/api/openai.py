@@ -29,7 +29,8 @@ from attnserve.server.api.errors import ErrorKind, ServiceError
 from attnserve.server.api.openai_schema import ChatBody, ChatMessageBody, CompletionBody
 from attnserve.server.api.serving import CompletionDelta, GenerationService
 from attnserve.server.api.validation import ChatTurn, Prompt
-from attnserve.server.engine.records import AttentionRow, EngineInfo, TokenLogprobs
+from attnserve.server.engine.outputs import RequestOutput
+from attnserve.server.engine.records import AttentionRow, EngineInfo, LensRow, ResidualRow, TokenLogprobs
 
 HTTP_STATUS = {
     ErrorKind.INVALID_ARGUMENT: 400,
@@ -216,6 +217,7 @@ def model_card(info: EngineInfo, created: int) -> dict[str, Any]:
         "num_heads": info.num_heads,
         "num_kv_heads": info.num_kv_heads,
         "layer_windows": list(info.layer_windows),  # per layer: its sliding window, 0 = whole context
+        "hidden_size": info.hidden_size,  # the length of a steering vector and of a residual read
         "dtype": info.dtype,
         "device": info.device,
     }
@@ -273,13 +275,24 @@ class _Shape:
     def envelope(self, name: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
         return {"id": self.id, "object": name, "created": self.created, "model": self.model, "choices": choices}
 
-    def choice_extras(
-        self, choice: dict[str, Any], rows: Sequence[AttentionRow], prompt_lps: Sequence[TokenLogprobs]
-    ) -> None:
+    def choice_extras(self, choice: dict[str, Any], c: _Choice) -> None:
         if self.body.attention is not None:
-            choice["attention"] = [attention_json(r) for r in rows]
-        if self.body.prompt_logprobs is not None and prompt_lps:
-            choice["prompt_logprobs"] = [self.logprob_json(lp.token_id or 0, lp) for lp in prompt_lps]
+            choice["attention"] = [attention_json(r) for r in c.attention]
+        if self.body.prompt_logprobs is not None and c.prompt_logprobs:
+            choice["prompt_logprobs"] = [self.logprob_json(lp.token_id or 0, lp) for lp in c.prompt_logprobs]
+        if self.body.residuals is not None:
+            choice["residuals"] = [residual_json(r) for r in c.residuals]
+        if self.body.logit_lens is not None:
+            choice["logit_lens"] = [self.lens_json(r) for r in c.lens]
+
+    def lens_json(self, row: LensRow) -> dict[str, Any]:
+        return {
+            "layer": row.layer,
+            "position": row.position,
+            "token_ids": row.token_ids,
+            "tokens": self.service.token_texts(row.token_ids),
+            "probs": row.probs,
+        }
 
     def with_token_ids(self, choice: dict[str, Any], tokens: Sequence[int]) -> dict[str, Any]:
         if self.body.return_token_ids:
@@ -357,6 +370,17 @@ class ChatCompletion(_Shape):
         return self.with_token_ids(
             {"index": index, key: content, "logprobs": logprobs, "finish_reason": finish}, tokens
         )
+
+
+def residual_json(row: ResidualRow) -> dict[str, Any]:
+    """One residual vector: base64 of hidden_size little-endian values in ``dtype``."""
+    return {
+        "point": row.point,
+        "layer": row.layer,
+        "position": row.position,
+        "dtype": row.dtype.value,
+        "values": base64.b64encode(row.values).decode(),
+    }
 
 
 def attention_json(row: AttentionRow) -> dict[str, Any]:
@@ -444,7 +468,13 @@ class _Choice:
     logprobs: list[TokenLogprobs] = field(default_factory=list)
     attention: list[AttentionRow] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)
+    residuals: list[ResidualRow] = field(default_factory=list)
+    lens: list[LensRow] = field(default_factory=list)
     finish: str | None = None
+
+    @classmethod
+    def of(cls, out: RequestOutput) -> _Choice:
+        return cls(attention=out.attention, prompt_logprobs=out.prompt_logprobs, residuals=out.residuals, lens=out.lens)
 
 
 async def _whole(shape: _Shape, first: CompletionDelta, rest: AsyncIterator[CompletionDelta]) -> dict[str, Any]:
@@ -458,6 +488,8 @@ async def _whole(shape: _Shape, first: CompletionDelta, rest: AsyncIterator[Comp
         c.logprobs += out.logprobs
         c.attention += out.attention
         c.prompt_logprobs += out.prompt_logprobs
+        c.residuals += out.residuals
+        c.lens += out.lens
         c.finish = out.finish_reason.value if out.finish_reason else c.finish
         usage = usage_json(delta) or usage
         delta = await anext(rest, None)
@@ -465,7 +497,7 @@ async def _whole(shape: _Shape, first: CompletionDelta, rest: AsyncIterator[Comp
     for index in sorted(choices):
         c = choices[index]
         choice = shape.choice(index, c.text, c.tokens, c.logprobs, c.finish)
-        shape.choice_extras(choice, c.attention, c.prompt_logprobs)
+        shape.choice_extras(choice, c)
         rendered.append(choice)
     return {**shape.envelope(shape.object_name, rendered), "usage": usage}
 
@@ -504,7 +536,7 @@ def _chunk_choice(shape: _Shape, delta: CompletionDelta, offsets: dict[int, int]
         choice = shape.choice(delta.index, out.text, out.token_ids, out.logprobs, finish, delta=content)
     else:
         choice = shape.choice(delta.index, out.text, out.token_ids, out.logprobs, finish, offset)  # type: ignore[call-arg]
-    shape.choice_extras(choice, out.attention, out.prompt_logprobs)
+    shape.choice_extras(choice, _Choice.of(out))
     return choice
 
 

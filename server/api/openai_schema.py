@@ -2,8 +2,8 @@
 GenerationRequest. Types are checked here; ranges and limits by server/api/validation.py.
 
 Non-OpenAI options come as extra body fields (the SDK's ``extra_body``): top_k, min_p,
-repetition_penalty, ignore_eos, stop_token_ids, prompt_logprobs, priority, attention and
-return_token_ids.
+repetition_penalty, ignore_eos, stop_token_ids, prompt_logprobs, priority, attention,
+residuals, logit_lens, steering, ablations and return_token_ids.
 Known OpenAI features this server does not implement are refused (400), never ignored.
 """
 
@@ -13,6 +13,14 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from attnserve.server.api.inspection import (
+    AblationSpec,
+    InspectionSpec,
+    LensSpec,
+    ResidualSpec,
+    SteeringSpec,
+    float32_bytes,
+)
 from attnserve.server.api.validation import AttentionSpec, ChatTurn, FieldError, GenerationRequest
 
 # Integer fields hold exactly what their gRPC twins can (proto types in generate.proto): a value
@@ -31,6 +39,37 @@ class AttentionBody(BaseModel):
     dtype: Literal["float16", "float32"] | None = None
     top_k: UInt32 = 0
     spans: list[tuple[UInt32, UInt32]] = []  # [[start, end), ...]: each row's sum over each span
+
+
+class ResidualsBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    points: list[str]  # resid_pre, attn_out, resid_mid, mlp_out, resid_post
+    layers: list[Int32]
+    include_prompt: bool = False
+    dtype: Literal["float16", "float32"] | None = None
+
+
+class LogitLensBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    layers: list[Int32]
+    top_k: UInt32 | None = None
+    include_prompt: bool = False
+
+
+class SteeringBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    layer: Int32
+    vector: list[float]  # hidden_size numbers (GET /v1/models/{id} tells the size)
+    scale: float | None = None
+    point: str | None = None  # resid_pre (default), resid_mid, resid_post
+    positions: str | None = None  # all (default), prompt, generated
+
+
+class AblationBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    layer: Int32
+    heads: list[UInt32]
+    scale: float = 0.0
 
 
 class StreamOptions(BaseModel):
@@ -78,6 +117,10 @@ class _Common(BaseModel):
     prompt_logprobs: UInt32 | None = None
     priority: Int32 = 0
     attention: AttentionBody | None = None
+    residuals: ResidualsBody | None = None
+    logit_lens: LogitLensBody | None = None
+    steering: list[SteeringBody] = []
+    ablations: list[AblationBody] = []
     return_token_ids: bool = False  # vLLM's name: each choice (and chunk) also carries its token_ids
 
     def unsupported(self) -> list[FieldError]:
@@ -118,7 +161,20 @@ class _Common(BaseModel):
             ),
             n=self.n,
             priority=self.priority,
+            inspection=self.inspection(),
         )
+
+    def inspection(self) -> InspectionSpec | None:
+        r, g = self.residuals, self.logit_lens
+        spec = InspectionSpec(
+            residuals=None if r is None else ResidualSpec(r.points, r.layers, r.include_prompt, r.dtype),
+            logit_lens=None if g is None else LensSpec(g.layers, g.top_k, g.include_prompt),
+            steering=[
+                SteeringSpec(s.layer, float32_bytes(s.vector), s.point, s.scale, s.positions) for s in self.steering
+            ],
+            ablations=[AblationSpec(a.layer, a.heads, a.scale) for a in self.ablations],
+        )
+        return None if spec.is_empty else spec
 
 
 class CompletionBody(_Common):

@@ -22,6 +22,7 @@ from dataclasses import dataclass, replace
 from importlib import metadata
 from typing import TYPE_CHECKING
 
+from attnserve.server.api import inspection
 from attnserve.server.api.attention_budget import AttentionBudget
 from attnserve.server.api.errors import ErrorKind, ServiceError, not_ready, service_error
 from attnserve.server.api.prompts import prompt_token_ids
@@ -191,12 +192,13 @@ class GenerationService:
 
     def _reserve_attention(self, params: SamplingParams, num_prompt_tokens: int, n: int, whole_response: bool) -> int:
         shape = attention_shape(params, num_prompt_tokens, n, self.rules.facts)
-        if shape is None:
+        size = (shape.num_bytes if shape else 0) + inspection.payload_bytes(
+            params, num_prompt_tokens, n, self.rules.facts.hidden_size
+        )
+        if not size:
             return 0
         # A whole response holds everything at once; a stream holds at most its backlog bound.
-        held = (
-            shape.num_bytes if whole_response else min(shape.num_bytes, n * self.rules.facts.max_stream_backlog_bytes)
-        )
+        held = size if whole_response else min(size, n * self.rules.facts.max_stream_backlog_bytes)
         if not self.attention_budget.try_reserve(held):
             budget = self.attention_budget
             raise ServiceError(

@@ -20,7 +20,9 @@ import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 
+from attnserve.server.api import inspection
 from attnserve.server.api.attention_budget import AttentionShape, how_to_shrink
+from attnserve.server.api.inspection import InspectionSpec
 from attnserve.server.engine.records import EngineInfo
 from attnserve.server.engine.request import AttentionOptions, HeadReduction, SamplingParams, WeightsDtype
 
@@ -136,6 +138,7 @@ class GenerationRequest:
     attention: AttentionSpec | None = None
     n: int | None = None
     priority: int = 0
+    inspection: InspectionSpec | None = None  # residual reads, logit lens, steering, ablations
     # Who sent it, as the door knows the sender (the gRPC door: its connection): only the
     # same caller may Abort it. Not a field of any wire message.
     caller: str = ""
@@ -239,6 +242,7 @@ def fit_prompt(
             )
         ]
     errors = _check_attention_size(params, num_prompt_tokens, checked.n, rules)
+    errors = errors or _check_inspection_size(params, num_prompt_tokens, checked.n, rules)
     if not errors and whole_response:
         errors = _check_response_size(params, num_prompt_tokens, checked.n, rules)
     return errors or params
@@ -273,12 +277,33 @@ def _check_attention_size(
     ]
 
 
+def _check_inspection_size(
+    params: SamplingParams, num_prompt_tokens: int, n: int, rules: ServingRules
+) -> list[FieldError]:
+    """Residual vectors and lens rows count against the same per-request cap as attention weights."""
+    size = inspection.payload_bytes(params, num_prompt_tokens, n, rules.facts.hidden_size)
+    shape = attention_shape(params, num_prompt_tokens, n, rules.facts)
+    total, cap = size + (shape.num_bytes if shape else 0), rules.limits.max_attention_bytes_per_request
+    if not size or total <= cap:
+        return []
+    return [
+        FieldError(
+            "residuals" if params.residuals is not None else "logit_lens",
+            size,
+            f"these reads would take {size:,} bytes ({inspection.describe(params)}, over {n} x {params.max_tokens} "
+            f"generated tokens); with attention {total:,}; the limit is {cap:,} bytes per request: ask for fewer "
+            "layers, points or max_tokens, float16 values, or no prompt rows",
+        )
+    ]
+
+
 def _check_response_size(
     params: SamplingParams, num_prompt_tokens: int, n: int, rules: ServingRules
 ) -> list[FieldError]:
     shape = attention_shape(params, num_prompt_tokens, n, rules.facts)
     per_token = _RESPONSE_BYTES_PER_TOKEN + _RESPONSE_BYTES_PER_LOGPROB * (1 + (params.logprobs or 0))
     size = (shape.num_bytes if shape else 0) + n * params.max_tokens * per_token
+    size += inspection.payload_bytes(params, num_prompt_tokens, n, rules.facts.hidden_size)
     if params.prompt_logprobs is not None:
         size += num_prompt_tokens * _RESPONSE_BYTES_PER_LOGPROB * (1 + params.prompt_logprobs)
     limit = rules.limits.max_response_bytes
@@ -508,6 +533,10 @@ def _check_attention(r: GenerationRequest, rules: ServingRules, e: _Errors) -> N
         )
 
 
+def _check_inspection(r: GenerationRequest, rules: ServingRules, e: _Errors) -> None:
+    inspection.check(r.inspection, rules.facts, e.check)
+
+
 _CHECKS: tuple[Check, ...] = (
     _check_identity,
     _check_input,
@@ -515,6 +544,7 @@ _CHECKS: tuple[Check, ...] = (
     _check_stopping,
     _check_logprobs,
     _check_attention,
+    _check_inspection,
 )
 
 
@@ -538,7 +568,7 @@ def _params(r: GenerationRequest, rules: ServingRules) -> SamplingParams:
             layers, reduction, r.attention.include_prompt, dtype, r.attention.top_k, tuple(r.attention.spans)
         )
     temperature = d.temperature if r.temperature is None else r.temperature
-    return SamplingParams(
+    params = SamplingParams(
         temperature=0.0 if temperature < GREEDY_BELOW_TEMPERATURE else temperature,
         top_k=d.top_k if r.top_k is None else r.top_k,
         top_p=d.top_p if r.top_p is None else r.top_p,
@@ -553,3 +583,4 @@ def _params(r: GenerationRequest, rules: ServingRules) -> SamplingParams:
         prompt_logprobs=r.prompt_logprobs,
         attention=attention,
     )
+    return inspection.to_params(params, r.inspection, facts)

@@ -86,7 +86,7 @@ class BlockManager:
             return 0
         tokens = request.all_token_ids
         max_blocks = (len(tokens) - 1) // self.block_size
-        parent = self.root_key
+        parent = self._root(request)
         hits: list[int] = []
         for i in range(max_blocks):
             block_tokens = tokens[i * self.block_size : (i + 1) * self.block_size]
@@ -124,7 +124,7 @@ class BlockManager:
         tokens = None
         for i in range(len(hashes), num_full):
             tokens = tokens or request.all_token_ids
-            parent = hashes[-1] if hashes else self.root_key
+            parent = hashes[-1] if hashes else self._root(request)
             block_tokens = tokens[i * self.block_size : (i + 1) * self.block_size]
             block_hash = chain_hash(parent, block_tokens)
             hashes.append(block_hash)
@@ -133,6 +133,12 @@ class BlockManager:
                 block.block_hash = block_hash
                 block.token_ids = tuple(block_tokens)
                 self._cached[block_hash] = block.block_id
+
+    def _root(self, request: Request) -> bytes:
+        """The chain's start: the server's root, or for a request whose K/V its interventions changed,
+        a root of their own (it never shares blocks with plain requests, in either direction)."""
+        salt = request.params.kv_salt
+        return self.root_key if not salt else hashlib.sha256(self.root_key + salt).digest()
 
     def free(self, request: Request) -> None:
         """Release the request's blocks (last first, so a prefix's tail is evicted before its head)."""

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from attnserve.model.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from attnserve.model.tokenizer import Tokenizer
-from attnserve.server.engine.records import AttentionRow, RequestDelta, TokenLogprobs
+from attnserve.server.engine.records import AttentionRow, LensRow, RequestDelta, ResidualRow, TokenLogprobs
 from attnserve.server.engine.request import FinishReason, Request
 
 
@@ -40,6 +40,8 @@ class RequestOutput:
     logprobs: list[TokenLogprobs] = field(default_factory=list)
     attention: list[AttentionRow] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)
+    residuals: list[ResidualRow] = field(default_factory=list)
+    lens: list[LensRow] = field(default_factory=list)
     finish_reason: FinishReason | None = None
     stop_reason: str | int | None = None  # the stop string or token id that ended it
     usage: Usage | None = None
@@ -52,7 +54,9 @@ class RequestOutput:
 
     @property
     def num_attention_bytes(self) -> int:
-        return sum(row.num_bytes for row in self.attention)
+        """Bytes of the inspection payloads (attention, residuals, lens): what the budgets count."""
+        rows = (*self.attention, *self.residuals, *self.lens)
+        return sum(row.num_bytes for row in rows)
 
 
 class OutputProcessor:
@@ -72,6 +76,8 @@ class OutputProcessor:
             delta.logprobs,
             delta.attention,
             prompt_logprobs=delta.prompt_logprobs,
+            residuals=delta.residuals,
+            lens=delta.lens,
         )
         stop_tokens = self.request.stop_token_ids()
         text = []

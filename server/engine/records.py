@@ -83,11 +83,42 @@ class AttentionRow:
 
 
 @dataclass
+class ResidualRow:
+    """One residual-stream vector: ``point`` of ``layer`` at ``position``, little-endian ``dtype`` bytes (hidden,)."""
+
+    point: str
+    layer: int
+    position: int
+    values: bytes
+    dtype: WeightsDtype = WeightsDtype.FLOAT32
+
+    @property
+    def num_bytes(self) -> int:
+        return len(self.values)
+
+
+@dataclass
+class LensRow:
+    """The logit lens of ``layer`` at ``position``: the top tokens, most probable first, and their probabilities."""
+
+    layer: int
+    position: int
+    token_ids: list[int]
+    probs: list[float]
+
+    @property
+    def num_bytes(self) -> int:
+        return 12 * len(self.token_ids)  # int64 id + float32 probability each, as counted at admission
+
+
+@dataclass
 class RunnerOutput:
     sampled_token_ids: dict[str, int] = field(default_factory=dict)
     logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
     attention: dict[str, list[AttentionRow]] = field(default_factory=dict)
     prompt_logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)
+    residuals: dict[str, list[ResidualRow]] = field(default_factory=dict)
+    lens: dict[str, list[LensRow]] = field(default_factory=dict)
 
 
 @dataclass
@@ -99,6 +130,8 @@ class RequestDelta:
     logprobs: list[TokenLogprobs] = field(default_factory=list)
     attention: list[AttentionRow] = field(default_factory=list)
     prompt_logprobs: list[TokenLogprobs] = field(default_factory=list)
+    residuals: list[ResidualRow] = field(default_factory=list)
+    lens: list[LensRow] = field(default_factory=list)
     finish_reason: FinishReason | None = None
 
 
@@ -114,6 +147,7 @@ class EngineInfo:
     num_layers: int
     num_heads: int
     num_kv_heads: int
+    hidden_size: int  # the residual stream's width: steering vectors and residual reads
     dtype: str
     device: str
     kv_cache_blocks: int

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -82,6 +83,68 @@ class AttentionOptions:
     spans: tuple[tuple[int, int], ...] = ()  # instead of rows: each row's sum over each [start, end)
 
 
+class SteerPositions(enum.Enum):
+    PROMPT = "prompt"
+    GENERATED = "generated"  # the rows of generated tokens (positions from the prompt's length on)
+    ALL = "all"
+
+
+@dataclass(frozen=True)
+class ResidualReads:
+    """Residual-stream vectors to return: at these points of these layers, for the row behind each
+    generated token (and every prompt row with ``include_prompt``)."""
+
+    points: tuple[str, ...]  # TransformerLens names: resid_pre, attn_out, resid_mid, mlp_out, resid_post
+    layers: tuple[int, ...]
+    include_prompt: bool = False
+    dtype: WeightsDtype = WeightsDtype.FLOAT32
+
+
+@dataclass(frozen=True)
+class LogitLens:
+    """Each layer's output put through the final norm and the unembedding: the top_k tokens and probabilities."""
+
+    layers: tuple[int, ...]
+    top_k: int = 5
+    include_prompt: bool = False
+
+
+@dataclass(frozen=True)
+class Steering:
+    """``scale * vector`` added to the residual at ``point`` of ``layer`` on the chosen positions."""
+
+    layer: int
+    point: str  # resid_pre, resid_mid or resid_post
+    vector: bytes  # little-endian float32, hidden_size values
+    scale: float = 1.0
+    positions: SteerPositions = SteerPositions.ALL
+
+
+@dataclass(frozen=True)
+class HeadAblation:
+    """The outputs of ``heads`` at ``layer`` multiplied by ``scale`` (0: removed), on every position."""
+
+    layer: int
+    heads: tuple[int, ...]
+    scale: float = 0.0
+
+
+@dataclass(frozen=True)
+class Interventions:
+    steering: tuple[Steering, ...] = ()
+    ablations: tuple[HeadAblation, ...] = ()
+
+    @property
+    def cache_key(self) -> bytes:
+        """Names these interventions in the prefix cache: their K/V are not a plain request's."""
+        digest = hashlib.sha256(b"interventions-v1")
+        for s in self.steering:
+            digest.update(f"s|{s.layer}|{s.point}|{s.scale!r}|{s.positions.value}|".encode() + s.vector)
+        for a in self.ablations:
+            digest.update(f"a|{a.layer}|{a.heads}|{a.scale!r}".encode())
+        return digest.digest()
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """Sampling and stopping parameters of one request, already checked by the doors (server/api/validation.py)."""
@@ -99,11 +162,25 @@ class SamplingParams:
     logprobs: int | None = None  # None = no logprobs; n >= 0 = chosen token plus top-n
     prompt_logprobs: int | None = None  # None = none; n >= 0 = each prompt token's logprob plus top-n
     attention: AttentionOptions | None = None
+    residuals: ResidualReads | None = None
+    logit_lens: LogitLens | None = None
+    interventions: Interventions | None = None
 
     @property
     def needs_every_prompt_position(self) -> bool:
-        """Prompt rows (attention or logprobs) are asked for: the prompt is computed in full, no prefix reuse."""
-        return self.prompt_logprobs is not None or (self.attention is not None and self.attention.include_prompt)
+        """Prompt rows (attention, logprobs, residuals, lens) are asked for: the prompt is computed in
+        full, no prefix reuse."""
+        return (
+            self.prompt_logprobs is not None
+            or (self.attention is not None and self.attention.include_prompt)
+            or (self.residuals is not None and self.residuals.include_prompt)
+            or (self.logit_lens is not None and self.logit_lens.include_prompt)
+        )
+
+    @property
+    def kv_salt(self) -> bytes:
+        """b"" for K/V that any plain request may share; else the key of the interventions that shaped it."""
+        return b"" if self.interventions is None else self.interventions.cache_key
 
 
 @dataclass

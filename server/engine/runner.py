@@ -18,6 +18,7 @@ from attnserve.model.sampling import SamplingTensors, fetch_sampled, sample, ste
 from attnserve.server.engine.block_table_rows import BlockTableRows
 from attnserve.server.engine.config import CacheConfig
 from attnserve.server.engine.graph_decode import GraphDecode
+from attnserve.server.engine.inspection import StepInspection, due_positions
 from attnserve.server.engine.records import AttentionRow, RunnerOutput, ScheduledRequest, SchedulerOutput, TokenLogprobs
 from attnserve.server.engine.request import AttentionOptions, HeadReduction, WeightsDtype
 
@@ -95,6 +96,8 @@ class ModelRunner:
             token_ids=[t for item in items for t in item.token_ids],
             batch_invariant=self.batch_invariant,
         )
+        inspection = StepInspection.plan(items, query_starts, num_heads=self.model.config.num_heads, device=self.device)
+        meta.hooks = inspection.hooks
         input_ids = meta.input_ids
         assert input_ids is not None
         if self.graph_decode is not None and self.graph_decode.can_run(meta):
@@ -105,6 +108,8 @@ class ModelRunner:
         out = RunnerOutput()
         if attention:
             out.attention = self._attention_rows(items, attention, meta)
+        if inspection.reads:
+            out.residuals, out.lens = inspection.collect(items, self.model)
         if scoring:
             out.prompt_logprobs = _score_prompt(items, scoring, logits[len(sampling) :])
         if sampling:
@@ -220,18 +225,8 @@ def _top_k_row(weights: torch.Tensor, layer: int, position: int, options: Attent
 
 
 def _attention_positions(item: ScheduledRequest) -> list[int]:
-    """Positions whose attention rows this step owes the request: its prompt rows (include_prompt)
-    not yet reported, and the row behind the token it samples."""
     options = item.params.attention
-    if options is None:
-        return []
-    start, end = item.num_computed_tokens, item.seq_len
-    due: list[int] = []
-    if options.include_prompt and item.report_prompt_from is not None:
-        due = list(range(max(item.report_prompt_from, start), min(item.num_prompt_tokens, end)))
-    if item.is_sampling and (not due or due[-1] != end - 1):
-        due.append(end - 1)
-    return due
+    return [] if options is None else due_positions(item, include_prompt=options.include_prompt)
 
 
 def _capture_range(item: ScheduledRequest, due: list[int]) -> tuple[int, int]:

@@ -244,10 +244,12 @@ class Scheduler:
                 item.request_id,
                 attention=result.attention.get(item.request_id, []),
                 prompt_logprobs=result.prompt_logprobs.get(item.request_id, []),
+                residuals=result.residuals.get(item.request_id, []),
+                lens=result.lens.get(item.request_id, []),
             )
             if item.is_sampling:
                 self._append_token(request, result, delta, now)
-            if delta.new_token_ids or delta.attention or delta.prompt_logprobs:
+            if delta.new_token_ids or delta.attention or delta.prompt_logprobs or delta.residuals or delta.lens:
                 deltas.append(delta)
         return deltas
 

@@ -159,3 +159,10 @@ def test_other_rows_in_the_step_keep_their_bits(models) -> None:
     mixed = _ours(ours, hooks, [PROMPT, other])
     assert torch.equal(mixed[len(PROMPT) :], plain[len(PROMPT) :])
     assert not torch.equal(mixed[: len(PROMPT)], plain[: len(PROMPT)])
+from attnserve.server.api.inspection import RESIDUAL_POINTS, STEERABLE_POINTS  # noqa: E402
+
+
+def test_the_doors_name_the_same_points_as_the_model() -> None:
+    from attnserve.model.hooks import POINTS, STEERABLE
+
+    assert (POINTS, STEERABLE) == (RESIDUAL_POINTS, STEERABLE_POINTS)

@@ -27,6 +27,7 @@ INFO = EngineInfo(
     num_layers=2,
     num_heads=4,
     num_kv_heads=2,
+    hidden_size=64,
     dtype="float32",
     device="cpu",
     kv_cache_blocks=64,
