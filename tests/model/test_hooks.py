@@ -159,6 +159,8 @@ def test_other_rows_in_the_step_keep_their_bits(models) -> None:
     mixed = _ours(ours, hooks, [PROMPT, other])
     assert torch.equal(mixed[len(PROMPT) :], plain[len(PROMPT) :])
     assert not torch.equal(mixed[: len(PROMPT)], plain[: len(PROMPT)])
+
+
 from attnserve.server.api.inspection import RESIDUAL_POINTS, STEERABLE_POINTS  # noqa: E402
 
 
