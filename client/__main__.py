@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from attnserve.client.client import DEFAULT_TARGET, AttnserveError, Client
+from attnserve.client.inspection import Ablate, Steer
 from attnserve.client.openai_http import cli_generate, cli_info, http_url
 from attnserve.v1 import generate_pb2 as pb
 
@@ -71,10 +72,63 @@ def _reduction(args: argparse.Namespace) -> str:
     return "none" if args.attention_grid or isinstance(args.attention_head, int) else args.attention_head
 
 
+def _layers(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give layer indices separated by commas, e.g. 0,12,-1") from None
+
+
+def _ablation(text: str) -> Ablate:
+    """'LAYER:H1,H2[:SCALE]' -> Ablate."""
+    parts = text.split(":")
+    try:
+        scale = float(parts[2]) if len(parts) > 2 else 0.0
+        return Ablate(int(parts[0]), [int(h) for h in parts[1].split(",")], scale)
+    except (ValueError, IndexError):
+        raise argparse.ArgumentTypeError(f"{text!r}: use LAYER:HEAD,HEAD[:SCALE], e.g. 3:0,5") from None
+
+
+def _steering(text: str) -> Steer:
+    """'LAYER:SCALE:FILE[:POINT[:POSITIONS]]' -> Steer; FILE holds hidden_size numbers (text, or .npy)."""
+    parts = text.split(":")
+    try:
+        layer, scale, path = int(parts[0]), float(parts[1]), Path(parts[2])
+        if path.suffix == ".npy":
+            import numpy as np
+
+            vector = [float(v) for v in np.load(path).reshape(-1)]
+        else:
+            vector = [float(v) for v in path.read_text().replace(",", " ").split()]
+        return Steer(layer, vector, scale, *(parts[3:5]))
+    except (ValueError, IndexError, OSError) as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: use LAYER:SCALE:FILE[:POINT[:POSITIONS]] ({exc})") from None
+
+
+def _print_lens(rows: list[pb.LensRow], labels: list[str]) -> None:
+    """The logit lens as a table: one line per generated token, its top token at each asked layer."""
+    layers = sorted({r.layer for r in rows})
+    by_cell = {(r.position, r.layer): r for r in rows}
+    positions = sorted({r.position for r in rows})
+    print("logit lens (top token, probability) per layer:", file=sys.stderr)
+    print("token".ljust(14) + "".join(f"L{layer}".ljust(18) for layer in layers), file=sys.stderr)
+    for k, position in enumerate(positions):
+        label = repr(labels[k]) if k < len(labels) else str(position)
+        cells = []
+        for layer in layers:
+            row = by_cell.get((position, layer))
+            cells.append(f"{row.token_ids[0]} {row.probs[0]:.2f}".ljust(18) if row else "".ljust(18))
+        print(label[:13].ljust(14) + "".join(cells), file=sys.stderr)
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     kwargs = _sampling(args)
     if url := http_url(args):
         return cli_generate(args, url, kwargs)
+    if args.logit_lens:
+        kwargs.update(logit_lens_layers=args.logit_lens, logit_lens_top_k=1)
+    if args.steer or args.ablate:
+        kwargs.update(steering=args.steer or (), ablations=args.ablate or ())
     if args.attention_png:
         kwargs.update(attention_layers=[args.attention_layer], head_reduction=_reduction(args), include_prompt=True)
     with _client(args) as client:
@@ -83,11 +137,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
             tokenized = client.tokenize(messages=[("user", args.prompt)]) if args.chat else client.tokenize(args.prompt)
             labels = list(tokenized.tokens)
         rows: list[pb.AttentionRow] = []
+        lens: list[pb.LensRow] = []
+        texts: list[str] = []
         if args.stream or args.attention_png:
             finishes, last = [], pb.GenerateStreamResponse()
             for chunk in client.generate_stream(args.prompt, chat=args.chat, **kwargs):
                 print(chunk.text, end="", flush=True)
                 rows.extend(chunk.attention)
+                lens.extend(chunk.logit_lens)
+                texts.extend([chunk.text] if len(chunk.token_ids) == 1 else [""] * len(chunk.token_ids))
                 # One label per generated token: the message's text when it carries exactly one token.
                 labels.extend([chunk.text] if len(chunk.token_ids) == 1 else [""] * len(chunk.token_ids))
                 finishes += [chunk.finish_reason] if chunk.finish_reason else []
@@ -98,9 +156,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
             reply = client.generate(args.prompt, chat=args.chat, **kwargs)
             for completion in reply.completions:
                 print(("" if len(reply.completions) == 1 else f"[{completion.index}] ") + completion.text)
+            lens.extend(reply.completions[0].logit_lens)
             summary = _summary(reply.usage, reply.timings, [c.finish_reason for c in reply.completions])
         if args.verbose:
             print(summary, file=sys.stderr)
+        if lens:
+            _print_lens(lens, texts)
         if args.attention_png:
             from attnserve.client.heatmap import render_png
 
@@ -197,6 +258,27 @@ def main(argv: list[str] | None = None) -> int:
     )
     gen.add_argument(
         "--attention-log", action="store_true", help="for --attention-png: log colour scale (3 decades below the max)"
+    )
+    gen.add_argument(
+        "--logit-lens",
+        type=_layers,
+        default=None,
+        metavar="LAYERS",
+        help="print each token's logit lens at these layers",
+    )
+    gen.add_argument(
+        "--steer",
+        type=_steering,
+        action="append",
+        metavar="LAYER:SCALE:FILE[:POINT[:POSITIONS]]",
+        help="add SCALE x the vector in FILE (hidden_size numbers, text or .npy) to the residual stream (repeatable)",
+    )
+    gen.add_argument(
+        "--ablate",
+        type=_ablation,
+        action="append",
+        metavar="LAYER:HEADS[:SCALE]",
+        help="remove (or scale) these heads' outputs at LAYER, e.g. 3:0,5 (repeatable)",
     )
     gen.add_argument("-n", type=int, default=None, help="completions to generate (printed one per line)")
     gen.add_argument("-v", "--verbose", action="store_true", help="print usage and timings to stderr")

@@ -216,3 +216,19 @@ def test_the_openai_door_takes_the_same_options_as_extra_body(client: Client, ti
         sdk.completions.create(
             model="tiny", prompt="x", max_tokens=2, extra_body={"steering": [{"layer": 0, "vector": [1.0]}]}
         )
+
+
+def test_the_cli_prints_the_lens_and_sends_steering_and_ablations(tiny_server, tmp_path, capsys) -> None:
+    from attnserve.client import __main__ as cli
+
+    with Client(tiny_server.target) as c:
+        hidden = c.model_info().hidden_size
+    vector = tmp_path / "direction.txt"
+    vector.write_text(" ".join(["0.5"] * hidden))
+    argv = ["generate", "hi", "--target", tiny_server.target, "--max-tokens", "3", "--temperature", "0", "--ignore-eos"]
+    assert cli.main([*argv, "--logit-lens", "0,-1", "--steer", f"1:2.0:{vector}:resid_post", "--ablate", "0:1,2"]) == 0
+    err = capsys.readouterr().err
+    assert "logit lens" in err and "L0" in err and "L1" in err
+    assert len([line for line in err.splitlines()[2:] if line.strip()]) == 3  # one line per generated token
+    with pytest.raises(SystemExit):
+        cli.main([*argv, "--ablate", "zero"])
