@@ -4,7 +4,9 @@
 
 Cases (from the hostile-input issue): attention for every layer, every head and every prompt
 row of a 1,024-token prompt; all layers of a 4,096-token prompt; a stream with per-token
-attention that is never read; a ~4 MB prompt while another client streams. For each: the
+attention that is never read; a ~4 MB prompt while another client streams; and the look-inside
+ones: residuals at every point of every layer for every row of a 4,096-token prompt, steering
+vectors holding a NaN or 64 MB, the logit lens of every layer for every row of a long prompt. For each: the
 status, how long it took, and the server's RSS before, at its peak during the case, and after.
 """
 
@@ -20,7 +22,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from attnserve.client import AttnserveError, Client  # noqa: E402
+from attnserve.client import AttnserveError, Client, Steer  # noqa: E402
 from attnserve.model.fetch import default_model_path  # noqa: E402
 from tests.server.server_process import ServerProcess  # noqa: E402
 
@@ -91,7 +93,25 @@ def cases(client: Client, target: str, seconds: float) -> dict[str, Callable[[],
             t.join()
             print(f"    the other stream's longest gap between tokens: {max(gaps[1:], default=0):.2f}s")
 
+    hidden = client.model_info().hidden_size
+    every_point = ["resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post"]
     return {
+        "residuals: every layer x every point x every row of a 4,096-token prompt": lambda: client.generate(
+            token_ids=longer_prompt,
+            max_tokens=512,
+            residual_points=every_point,
+            residual_layers=list(range(30)),
+            inspect_prompt=True,
+        ),
+        "32 steering vectors, one holding a NaN": lambda: client.generate(
+            "hi", max_tokens=4, steering=[Steer(0, [0.1] * (hidden - 1) + [float("nan")])] * 32
+        ),
+        "a 64 MB steering vector": lambda: client.generate("hi", max_tokens=4, steering=[Steer(0, [0.1] * (16 << 20))]),
+        "logit lens, every layer, every row of a 1,024-token prompt, streamed": lambda: list(
+            client.generate_stream(
+                token_ids=long_prompt, max_tokens=64, logit_lens_layers=list(range(30)), inspect_prompt=True
+            )
+        ),
         "1,024-token prompt, 30 layers, no head reduction, prompt rows": lambda: client.generate(
             token_ids=long_prompt,
             max_tokens=16,
