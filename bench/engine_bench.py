@@ -23,7 +23,7 @@ import torch
 from attnserve.model.fetch import default_model_path
 from attnserve.model.loader import cpu_flags, load_model, parse_dtype
 from attnserve.server.engine.config import CacheConfig, EngineConfig, SchedulerConfig
-from attnserve.server.engine.core import build_engine
+from attnserve.server.engine.core import Engine, build_engine
 from attnserve.server.engine.request import SamplingParams
 
 
@@ -32,8 +32,49 @@ def make_prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[in
     return [torch.randint(100, vocab - 100, (length,), generator=gen).tolist() for _ in range(n)]
 
 
+class StepClock:
+    """Wall time inside the engine's step, the runner's execute and the model's forward (engine thread)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.seconds = {"step": 0.0, "execute": 0.0, "forward": 0.0}
+        self.steps = 0
+        self._wrap(engine, "step", "step")
+        self._wrap(engine.runner, "execute", "execute")
+        self._wrap(engine.runner.model, "forward", "forward")
+
+    def _wrap(self, owner: object, name: str, bucket: str) -> None:
+        original = getattr(owner, name)
+
+        def timed(*args: object, **kwargs: object) -> object:
+            start = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self.seconds[bucket] += time.perf_counter() - start
+                self.steps += bucket == "step"
+
+        setattr(owner, name, timed)
+
+    def report(self, label: str) -> str:
+        n, s = max(self.steps, 1), self.seconds
+        around = s["step"] - s["forward"]
+        return (
+            f"{label}: {n} steps, {s['step'] / n * 1e3:.2f} ms a step: model forward {s['forward'] / n * 1e3:.2f}, "
+            f"the engine around it {around / n * 1e3:.2f} ({around / max(s['step'], 1e-9):.1%}: runner inputs and "
+            f"sampling {(s['execute'] - s['forward']) / n * 1e3:.2f}, scheduling, outputs, detokenizing and delivery "
+            f"{(s['step'] - s['execute']) / n * 1e3:.2f})"
+        )
+
+
 def bench_engine(
-    model: str, dtype: torch.dtype, prompt_len: int, concurrency: int, output_len: int, *, batch_invariant: bool = True
+    model: str,
+    dtype: torch.dtype,
+    prompt_len: int,
+    concurrency: int,
+    output_len: int,
+    *,
+    batch_invariant: bool = True,
+    breakdown: bool = False,
 ) -> float:
     config = EngineConfig(
         scheduler=SchedulerConfig(max_num_batched_tokens=1024, max_num_seqs=max(64, concurrency)),
@@ -59,10 +100,13 @@ def bench_engine(
         return produced
 
     asyncio.run(engine.generate(prompts[0][:8], SamplingParams(max_tokens=2)))  # warm-up
+    clock = StepClock(engine) if breakdown else None
     start = time.perf_counter()
     produced = asyncio.run(closed_loop())
     elapsed = time.perf_counter() - start
     engine.shutdown(5)
+    if clock is not None:
+        print("  " + clock.report(f"C={concurrency}"))
     return produced / elapsed
 
 
@@ -100,6 +144,9 @@ def main() -> None:
         default=["on"],
         help="engine rows with the invariant path (on, the default) and/or the fast one (off), side by side",
     )
+    parser.add_argument(
+        "--breakdown", action="store_true", help="also print each step's time in the model and around it (engine)"
+    )
     parser.add_argument("--json", type=Path, default=Path("bench/results/engine.json"))
     args = parser.parse_args()
     torch.set_num_threads(torch.get_num_threads())
@@ -112,7 +159,13 @@ def main() -> None:
             for mode in args.batch_invariant:
                 name = f"engine C={c}" + ("" if args.batch_invariant == ["on"] else f" invariant={mode}")
                 row[name] = bench_engine(
-                    args.model, dtype, args.prompt_len, c, args.output_len, batch_invariant=mode == "on"
+                    args.model,
+                    dtype,
+                    args.prompt_len,
+                    c,
+                    args.output_len,
+                    batch_invariant=mode == "on",
+                    breakdown=args.breakdown,
                 )
                 print(f"{dtype_name} {name}: {row[name]:.1f} tok/s", flush=True)
         if not args.skip_transformers:
