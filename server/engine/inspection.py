@@ -20,6 +20,7 @@ from attnserve.model.llama import LlamaForCausalLM
 from attnserve.server.engine.records import LensRow, ResidualRow, ScheduledRequest
 from attnserve.server.engine.request import SteerPositions, WeightsDtype
 
+_LENS_ROWS_AT_ONCE = 64  # lens logits held at once: 64 x vocabulary floats (12.6 MB at 49k)
 _WIRE = {WeightsDtype.FLOAT16: (torch.float16, "<f2"), WeightsDtype.FLOAT32: (torch.float32, "<f4")}
 
 
@@ -140,8 +141,14 @@ class StepInspection:
         top = max(o.top_k for o in asking.values())
         tops: dict[int, tuple[list[list[int]], list[list[float]]]] = {}
         for layer in sorted({layer for o in asking.values() for layer in o.layers}):
-            probs, ids = model.logit_lens(captured[(layer, "resid_post")]).softmax(dim=-1).topk(top, dim=-1)
-            tops[layer] = (ids.cpu().tolist(), probs.cpu().tolist())
+            ids, probs = [], []
+            hidden = captured[(layer, "resid_post")]
+            # A chunk of rows at a time: a prompt's rows times the vocabulary would be hundreds of MB.
+            for rows in hidden.split(_LENS_ROWS_AT_ONCE):
+                p, i = model.logit_lens(rows).softmax(dim=-1).topk(top, dim=-1)
+                ids += i.cpu().tolist()
+                probs += p.cpu().tolist()
+            tops[layer] = (ids, probs)
         out: dict[str, list[LensRow]] = {}
         for i, options in asking.items():
             item, k = items[i], options.top_k
