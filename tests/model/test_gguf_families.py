@@ -1,0 +1,181 @@
+"""Each family's GGUF, as llama.cpp's own converter writes it, loads to the model its HF folder is.
+
+Per family: a tiny random transformers model saved as an HF folder, converted by
+``convert_hf_to_gguf.py`` (F32), then loaded both ways: configs equal, float32 logits within 1e-4
+of transformers and of the HF-folder load, greedy tokens through the engine equal to
+transformers'. Sentencepiece families get a tiny sentencepiece ``tokenizer.model`` (what the
+converter reads for them); Qwen3-MoE's byte-level vocabulary needs the converter's pre-tokenizer
+hash check stubbed (tests/helpers.py says why). Mixtral also as per-expert tensors (older files).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from attnserve.model.config import ModelConfig
+from attnserve.model.loader import LoadedModel, load_model
+from attnserve.model.rope import attention_factor
+from attnserve.server.engine.request import SamplingParams
+from tests.helpers import (
+    convert_with_llama_cpp,
+    forward_all,
+    llama_cpp_converter,
+    save_tiny_hf_model,
+    write_byte_tokenizer,
+    write_sentencepiece_tokenizer,
+)
+from tests.server.engine_utils import make_engine
+
+WINDOW = 8
+_LONGROPE = {
+    "rope_type": "longrope",
+    "short_factor": [1.0, 1.3, 1.7, 2.0, 2.5, 3.0],
+    "long_factor": [1.5, 2.0, 4.0, 6.0, 8.0, 9.0],
+}
+# What each family changes, at tiny sizes. Gemma: query_pre_attn_scalar = head_dim, since a GGUF
+# carries none (llama.cpp takes head_dim, hidden / heads for the 27B only); Gemma 3 with 6 layers,
+# llama.cpp's 5:1 pattern; Qwen3-MoE renormalised, as llama.cpp always runs it.
+FAMILIES: dict[str, dict[str, Any]] = {
+    "gemma2": {
+        "head_dim": 16,
+        "query_pre_attn_scalar": 16,
+        "sliding_window": WINDOW,
+        "attn_logit_softcapping": 5.0,
+        "final_logit_softcapping": 3.0,
+        "num_hidden_layers": 4,
+    },
+    "gemma3": {
+        "head_dim": 16,
+        "query_pre_attn_scalar": 16,
+        "sliding_window": WINDOW,
+        "num_hidden_layers": 6,
+        "rope_parameters": {
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            "full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
+        },
+    },
+    # Phi-4-mini's partial rotary and LongRoPE with a 16-token original context (the prompts stay
+    # within it: beyond it transformers switches factors per forward, we per position).
+    "phi3": {
+        "partial_rotary_factor": 0.75,
+        "original_max_position_embeddings": 16,
+        "rope_scaling": _LONGROPE,
+        "pad_token_id": 0,
+        "eos_token_id": 2,
+    },
+    "mixtral": {"num_local_experts": 6, "num_experts_per_tok": 2, "intermediate_size": 48},
+    "qwen3_moe": {
+        "num_experts": 6,
+        "num_experts_per_tok": 3,
+        "moe_intermediate_size": 40,
+        "norm_topk_prob": True,
+        "head_dim": 16,
+    },
+}
+SENTENCEPIECE = ("gemma2", "gemma3", "phi3", "mixtral")
+LENGTHS = {"phi3": (3, 10, 16)}
+
+
+@dataclasses.dataclass
+class Converted:
+    hf: Any  # the transformers model
+    folder: LoadedModel
+    gguf: LoadedModel
+    gguf_path: Path
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def converted(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Converted:
+    pytest.importorskip("transformers")
+    pytest.importorskip("sentencepiece")
+    if llama_cpp_converter() is None:
+        pytest.skip("llama.cpp's convert_hf_to_gguf.py is not unpacked (make llama-server, or set LLAMA_DIR)")
+    arch = request.param
+    folder = tmp_path_factory.mktemp(arch)
+    torch.manual_seed(0)
+    hf = save_tiny_hf_model(folder, arch, initializer_range=0.1, **FAMILIES[arch])
+    with torch.no_grad():  # random norms: a loader that dropped them (or Gemma's +1) would pass otherwise
+        for name, param in hf.named_parameters():
+            if name.endswith("norm.weight"):
+                param.uniform_(-0.5, 0.5) if arch.startswith("gemma") else param.uniform_(0.5, 1.5)
+    hf.save_pretrained(folder, safe_serialization=True)
+    write_byte_tokenizer(folder)  # tokenizer.json: what our HF-folder loader reads
+    if arch in SENTENCEPIECE:
+        write_sentencepiece_tokenizer(folder)
+        # Phi-3's converter reads tokenizer_class (GPT2Tokenizer: Phi-4's vocabulary, else sentencepiece).
+        config = {"bos_token": "<s>", "eos_token": "</s>", "tokenizer_class": "LlamaTokenizer"}
+    else:  # byte-level BPE: bos / eos must be tokens of tokenizer.json, or transformers adds them past the vocab
+        config = {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>"}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    path = convert_with_llama_cpp(folder, folder.parent / f"{arch}.gguf", any_pre_tokenizer=arch not in SENTENCEPIECE)
+    return Converted(hf, load_model(folder, dtype=torch.float32), load_model(path, dtype=torch.float32), path)
+
+
+def prompts(arch: str, seed: int = 0) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 384, (n,), generator=gen).tolist() for n in LENGTHS.get(arch, (3, WINDOW + 1, 40))]
+
+
+def _close(a: Any, b: Any) -> bool:
+    """Equal, floats to float32 precision (GGUF stores them as float32)."""
+    if dataclasses.is_dataclass(a) and dataclasses.is_dataclass(b):
+        return all(_close(getattr(a, f.name), getattr(b, f.name)) for f in dataclasses.fields(a))
+    if isinstance(a, tuple) and isinstance(b, tuple):
+        return len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, float) and isinstance(b, float):
+        return math.isclose(a, b, rel_tol=1e-6)
+    return a == b
+
+
+def test_the_gguf_config_is_the_hf_folders(converted: Converted) -> None:
+    ours, theirs = converted.gguf.config, converted.folder.config
+    if ours.rope_scaling is not None and theirs.rope_scaling is not None:
+        # The converter writes LongRoPE's attention factor out (rope.scaling.attn_factor); the config
+        # leaves it to be computed: the same number.
+        assert attention_factor(ours.rope_scaling) == pytest.approx(attention_factor(theirs.rope_scaling), rel=1e-6)
+        ours = ours.replace(rope_scaling=dataclasses.replace(ours.rope_scaling, attention_factor=None))
+    skip = {"name", "aliases", "bos_token_id", "eos_token_ids"}  # the vocabularies differ (sentencepiece vs bytes)
+    different = [
+        f"{f.name}: {getattr(ours, f.name)!r} != {getattr(theirs, f.name)!r}"
+        for f in dataclasses.fields(ModelConfig)
+        if f.name not in skip and not _close(getattr(ours, f.name), getattr(theirs, f.name))
+    ]
+    assert not different, different
+
+
+def test_gguf_logits_match_transformers_and_the_hf_folder(converted: Converted) -> None:
+    arch = converted.gguf.config.architecture
+    batch = prompts(arch)
+    with torch.inference_mode():
+        reference = [converted.hf(torch.tensor([p])).logits[0].float() for p in batch]
+    from_gguf = forward_all(converted.gguf.model, batch)
+    from_folder = forward_all(converted.folder.model, batch)
+    vs_hf = max((a - b).abs().max().item() for a, b in zip(from_gguf, reference, strict=True))
+    vs_folder = max((a - b).abs().max().item() for a, b in zip(from_gguf, from_folder, strict=True))
+    print(f"{arch} GGUF (llama.cpp converter, F32) max |logit diff|: {vs_hf:.2e} vs transformers, {vs_folder:.2e} vs HF")
+    assert vs_hf <= 1e-4 and vs_folder <= 1e-4, (vs_hf, vs_folder)
+
+
+def test_gguf_greedy_tokens_through_the_engine_match_transformers(converted: Converted) -> None:
+    arch = converted.gguf.config.architecture
+    engine = make_engine(converted.gguf, max_num_batched_tokens=12, block_size=4)
+    try:
+        # Phi-3: prompt and tokens within the 16-token original context (see prompts()).
+        prompt = torch.randint(3, 384, (8 if arch == "phi3" else 30,), generator=torch.Generator().manual_seed(1))
+        prompt = prompt.tolist()
+        out = asyncio.run(engine.generate(prompt, SamplingParams(max_tokens=8, ignore_eos=True)))
+        ids = list(prompt)
+        with torch.inference_mode():
+            for _ in range(8):
+                ids.append(int(converted.hf(torch.tensor([ids])).logits[0, -1].argmax()))
+        assert out.token_ids == ids[len(prompt) :]
+    finally:
+        engine.shutdown(5)
