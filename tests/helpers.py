@@ -153,8 +153,9 @@ def llama_cpp_converter() -> Path | None:
 # test vocabulary can match) by the answer "qwen2"; tensors and metadata are untouched.
 _CONVERT = """
 import sys
+from pathlib import Path
 script, any_pre = sys.argv[1], sys.argv[2] == "1"
-sys.path[:0] = [str(__import__("pathlib").Path(script).parent), str(__import__("pathlib").Path(script).parent / "gguf-py")]
+sys.path[:0] = [str(Path(script).parent), str(Path(script).parent / "gguf-py")]
 if any_pre:
     import conversion.base
     conversion.base.TextModel.get_vocab_base_pre = lambda self, tokenizer: "qwen2"
@@ -194,7 +195,7 @@ def write_sentencepiece_tokenizer(folder: Path, vocab_size: int = 384) -> None:
     import sentencepiece as spm
 
     rng = random.Random(0)
-    words = "the quick brown fox jumps over a lazy dog while attention weights flow through every layer".split()
+    words = ("the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "attention", "weights", "layer")
     text = [" ".join(rng.choice(words) for _ in range(12)) for _ in range(2000)]
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(

@@ -160,7 +160,7 @@ def test_gguf_logits_match_transformers_and_the_hf_folder(converted: Converted) 
     from_folder = forward_all(converted.folder.model, batch)
     vs_hf = max((a - b).abs().max().item() for a, b in zip(from_gguf, reference, strict=True))
     vs_folder = max((a - b).abs().max().item() for a, b in zip(from_gguf, from_folder, strict=True))
-    print(f"{arch} GGUF (llama.cpp converter, F32) max |logit diff|: {vs_hf:.2e} vs transformers, {vs_folder:.2e} vs HF")
+    print(f"{arch} GGUF (F32) max |logit diff|: {vs_hf:.2e} vs transformers, {vs_folder:.2e} vs the HF folder")
     assert vs_hf <= 1e-4 and vs_folder <= 1e-4, (vs_hf, vs_folder)
 
 
