@@ -90,6 +90,7 @@ class Converted:
     folder: LoadedModel
     gguf: LoadedModel
     gguf_path: Path
+    hf_path: Path
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
@@ -116,7 +117,7 @@ def converted(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
         config = {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>"}
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
     path = convert_with_llama_cpp(folder, folder.parent / f"{arch}.gguf", any_pre_tokenizer=arch not in SENTENCEPIECE)
-    return Converted(hf, load_model(folder, dtype=torch.float32), load_model(path, dtype=torch.float32), path)
+    return Converted(hf, load_model(folder, dtype=torch.float32), load_model(path, dtype=torch.float32), path, folder)
 
 
 def prompts(arch: str, seed: int = 0) -> list[list[int]]:
@@ -179,3 +180,63 @@ def test_gguf_greedy_tokens_through_the_engine_match_transformers(converted: Con
         assert out.token_ids == ids[len(prompt) :]
     finally:
         engine.shutdown(5)
+
+
+def _rewrite(source: Path, dest: Path, tensors: list[tuple[str, Any]]) -> None:
+    """A GGUF with ``source``'s metadata and the given (name, float32 array) tensors."""
+    import gguf
+
+    reader = gguf.GGUFReader(source)
+    writer = gguf.GGUFWriter(dest, str(reader.fields["general.architecture"].contents()))
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue
+        kind = field.types[0]
+        sub = field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(key, field.contents(), kind, sub_type=sub)
+    for name, array in tensors:
+        writer.add_tensor(name, array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def test_per_expert_gguf_tensors_load_as_the_merged_ones(converted: Converted, tmp_path: Path) -> None:
+    """Files from before llama.cpp merged its experts name each one: blk.N.ffn_{gate,up,down}.E."""
+    if converted.gguf.config.architecture != "mixtral":
+        pytest.skip("the per-expert layout is Mixtral's (llama.cpp's first MoE)")
+    import gguf
+    import numpy as np
+
+    reader = gguf.GGUFReader(converted.gguf_path)
+    tensors: list[tuple[str, Any]] = []
+    for t in reader.tensors:
+        array = np.array(t.data, dtype=np.float32).reshape([int(d) for d in reversed(t.shape)])
+        if t.name.endswith("_exps.weight"):  # blk.N.ffn_gate_exps.weight -> blk.N.ffn_gate.E.weight
+            stem = t.name.removesuffix("_exps.weight")
+            tensors += [(f"{stem}.{e}.weight", array[e]) for e in range(array.shape[0])]
+        else:
+            tensors.append((t.name, array))
+    assert any(".ffn_down.5.weight" in name for name, _ in tensors)
+    path = tmp_path / "per-expert.gguf"
+    _rewrite(converted.gguf_path, path, tensors)
+    per_expert = load_model(path, dtype=torch.float32)
+    batch = prompts("mixtral")
+    for a, b in zip(forward_all(per_expert.model, batch), forward_all(converted.gguf.model, batch), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_the_sentencepiece_vocabulary_encodes_as_sentencepiece(converted: Converted) -> None:
+    """A "llama" GGUF vocabulary (merges rebuilt from the pieces' scores, byte fallback) splits text
+    as the tokenizer.model it came from (with the space prefix the converter keeps for Llama / Phi-3)."""
+    arch = converted.gguf.config.architecture
+    if arch not in ("mixtral", "phi3"):
+        pytest.skip("Gemma's files drop the space prefix; Qwen's vocabulary is byte-level BPE")
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(converted.hf_path / "tokenizer.model"))
+    ours = converted.gguf.tokenizer
+    for text in ("the quick brown fox", "a lazy  dog jumps over attention weights", "layer é ß 漢字 ~!", "  x\ny"):
+        assert ours.encode(text) == [1, *sp.encode(text)], text
+        assert ours.decode(ours.encode(text), skip_special_tokens=True) == text
