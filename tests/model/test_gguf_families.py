@@ -240,3 +240,25 @@ def test_the_sentencepiece_vocabulary_encodes_as_sentencepiece(converted: Conver
     for text in ("the quick brown fox", "a lazy  dog jumps over attention weights", "layer é ß 漢字 ~!", "  x\ny"):
         assert ours.encode(text) == [1, *sp.encode(text)], text
         assert ours.decode(ours.encode(text), skip_special_tokens=True) == text
+
+
+def test_a_q8_0_gguf_loads_each_weight_within_its_quantisation_step(converted: Converted) -> None:
+    """Quantised by the converter (Q8_0: 32 weights per block, step = block max / 127): every weight
+    within about half a step of the F32 file's (a misplaced row or shard would be off by up to 254
+    steps), 1-D tensors (norms, Gemma's 1 + w included) exact."""
+    arch = converted.gguf.config.architecture
+    if arch not in ("gemma2", "phi3", "mixtral"):
+        pytest.skip("one family per kind of tensor layout keeps the suite fast")
+    import gguf
+
+    path = convert_with_llama_cpp(converted.hf_path, converted.gguf_path.with_suffix(".q8_0.gguf"), outtype="q8_0")
+    assert any(t.tensor_type == gguf.GGMLQuantizationType.Q8_0 for t in gguf.GGUFReader(path).tensors)
+    quantised = dict(load_model(path, dtype=torch.float32).model.named_parameters())
+    for name, exact in converted.gguf.model.named_parameters():
+        if exact.dim() == 1:
+            assert torch.equal(quantised[name], exact), name
+        else:
+            step = exact.abs().amax() / 127
+            # Half a step, plus the float16 rounding of each block's scale (127 steps x 2^-11 < 0.1 step).
+            error = (quantised[name] - exact).abs().max()
+            assert error <= 0.6 * step, (name, error, step)
