@@ -93,13 +93,25 @@ class Converted:
     hf_path: Path
 
 
-@pytest.fixture(scope="module", params=sorted(FAMILIES))
+# One xdist group per family: its conversion runs once, on one worker (make test: --dist loadgroup).
+@pytest.fixture(
+    scope="module", params=[pytest.param(a, marks=pytest.mark.xdist_group(f"gguf-{a}")) for a in sorted(FAMILIES)]
+)
 def converted(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Converted:
     pytest.importorskip("transformers")
     pytest.importorskip("sentencepiece")
     if llama_cpp_converter() is None:
         pytest.skip("llama.cpp's convert_hf_to_gguf.py is not unpacked (make llama-server, or set LLAMA_DIR)")
-    arch = request.param
+    # Kept per process: pytest may tear a parametrised module fixture down and set it up again.
+    if request.param not in _CONVERTED:
+        _CONVERTED[request.param] = _convert(request.param, tmp_path_factory)
+    return _CONVERTED[request.param]
+
+
+_CONVERTED: dict[str, Converted] = {}
+
+
+def _convert(arch: str, tmp_path_factory: pytest.TempPathFactory) -> Converted:
     folder = tmp_path_factory.mktemp(arch)
     torch.manual_seed(0)
     hf = save_tiny_hf_model(folder, arch, initializer_range=0.1, **FAMILIES[arch])
