@@ -39,7 +39,8 @@ def sliding_pattern(meta: Mapping[str, Any], arch: str, num_layers: int, every: 
     pattern = meta.get(f"{arch}.attention.sliding_window_pattern", every)
     if isinstance(pattern, list | tuple):
         if len(pattern) != num_layers:
-            raise ModelLoadError(f"{arch}.attention.sliding_window_pattern has {len(pattern)} entries for {num_layers}")
+            key = f"{arch}.attention.sliding_window_pattern"
+            raise ModelLoadError(f"{key} has {len(pattern)} entries for {num_layers} layers")
         return tuple(bool(p) for p in pattern)
     n = int(pattern)
     return tuple(n == 0 or i % n < n - 1 for i in range(num_layers))
