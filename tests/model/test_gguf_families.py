@@ -14,6 +14,7 @@ import asyncio
 import dataclasses
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -93,26 +94,33 @@ class Converted:
     hf_path: Path
 
 
-# One xdist group per family: its conversion runs once, on one worker (make test: --dist loadgroup).
-@pytest.fixture(
-    scope="module", params=[pytest.param(a, marks=pytest.mark.xdist_group(f"gguf-{a}")) for a in sorted(FAMILIES)]
-)
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
 def converted(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Converted:
     pytest.importorskip("transformers")
     pytest.importorskip("sentencepiece")
     if llama_cpp_converter() is None:
         pytest.skip("llama.cpp's convert_hf_to_gguf.py is not unpacked (make llama-server, or set LLAMA_DIR)")
-    # Kept per process: pytest may tear a parametrised module fixture down and set it up again.
-    if request.param not in _CONVERTED:
-        _CONVERTED[request.param] = _convert(request.param, tmp_path_factory)
-    return _CONVERTED[request.param]
+    import transformers
+    from filelock import FileLock
+
+    arch = request.param
+    # One conversion per family and session: xdist workers share the session's temporary folder
+    # (pytest may also set a parametrised module fixture up again in one process).
+    root = tmp_path_factory.getbasetemp()
+    root = root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root
+    folder = root / f"gguf-family-{arch}"
+    with FileLock(str(folder) + ".lock"):
+        if not (folder / f"{arch}.gguf").is_file():
+            _convert(arch, folder)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager", dtype=torch.float32)
+    path = folder / f"{arch}.gguf"
+    ours = load_model(folder, dtype=torch.float32)
+    return Converted(hf.eval(), ours, load_model(path, dtype=torch.float32), path, folder)
 
 
-_CONVERTED: dict[str, Converted] = {}
-
-
-def _convert(arch: str, tmp_path_factory: pytest.TempPathFactory) -> Converted:
-    folder = tmp_path_factory.mktemp(arch)
+def _convert(arch: str, folder: Path) -> None:
+    """The family's tiny random HF folder with both tokenizers, and its F32 GGUF inside it."""
+    folder.mkdir(exist_ok=True)
     torch.manual_seed(0)
     hf = save_tiny_hf_model(folder, arch, initializer_range=0.1, **FAMILIES[arch])
     with torch.no_grad():  # random norms: a loader that dropped them (or Gemma's +1) would pass otherwise
@@ -128,8 +136,8 @@ def _convert(arch: str, tmp_path_factory: pytest.TempPathFactory) -> Converted:
     else:  # byte-level BPE: bos / eos must be tokens of tokenizer.json, or transformers adds them past the vocab
         config = {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>"}
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
-    path = convert_with_llama_cpp(folder, folder.parent / f"{arch}.gguf", any_pre_tokenizer=arch not in SENTENCEPIECE)
-    return Converted(hf, load_model(folder, dtype=torch.float32), load_model(path, dtype=torch.float32), path, folder)
+    convert_with_llama_cpp(folder, folder / f"{arch}.gguf.partial", any_pre_tokenizer=arch not in SENTENCEPIECE)
+    (folder / f"{arch}.gguf.partial").rename(folder / f"{arch}.gguf")  # complete or absent
 
 
 def prompts(arch: str, seed: int = 0) -> list[list[int]]:
@@ -254,6 +262,7 @@ def test_the_sentencepiece_vocabulary_encodes_as_sentencepiece(converted: Conver
         assert ours.decode(ours.encode(text), skip_special_tokens=True) == text
 
 
+@pytest.mark.slow  # a second converter run per family (about 10 s each here)
 def test_a_q8_0_gguf_loads_each_weight_within_its_quantisation_step(converted: Converted) -> None:
     """Quantised by the converter (Q8_0: 32 weights per block, step = block max / 127): every weight
     within about half a step of the F32 file's (a misplaced row or shard would be off by up to 254
@@ -263,7 +272,7 @@ def test_a_q8_0_gguf_loads_each_weight_within_its_quantisation_step(converted: C
         pytest.skip("one family per kind of tensor layout keeps the suite fast")
     import gguf
 
-    path = convert_with_llama_cpp(converted.hf_path, converted.gguf_path.with_suffix(".q8_0.gguf"), outtype="q8_0")
+    path = convert_with_llama_cpp(converted.hf_path, converted.hf_path.parent / f"{arch}.q8_0.gguf", outtype="q8_0")
     assert any(t.tensor_type == gguf.GGMLQuantizationType.Q8_0 for t in gguf.GGUFReader(path).tensors)
     quantised = dict(load_model(path, dtype=torch.float32).model.named_parameters())
     for name, exact in converted.gguf.model.named_parameters():
