@@ -1,11 +1,12 @@
 """Each family's GGUF, as llama.cpp's own converter writes it, loads to the model its HF folder is.
 
-Per family: a tiny random transformers model saved as an HF folder, converted by
+Per family (all nine): a tiny random transformers model saved as an HF folder, converted by
 ``convert_hf_to_gguf.py`` (F32), then loaded both ways: configs equal, float32 logits within 1e-4
-of transformers and of the HF-folder load, greedy tokens through the engine equal to
-transformers'. Sentencepiece families get a tiny sentencepiece ``tokenizer.model`` (what the
-converter reads for them); Qwen3-MoE's byte-level vocabulary needs the converter's pre-tokenizer
-hash check stubbed (tests/helpers.py says why). Mixtral also as per-expert tensors (older files).
+of transformers and of the HF-folder load; for the families new to GGUF, greedy tokens through
+the engine equal to transformers' and a Q8_0 conversion within its quantisation step (slow).
+Sentencepiece families get a tiny sentencepiece ``tokenizer.model`` (what the converter reads for
+them); Qwen3-MoE's byte-level vocabulary needs the converter's pre-tokenizer hash check stubbed
+(tests/helpers.py says why). Mixtral also as per-expert tensors (older files).
 """
 
 from __future__ import annotations
@@ -81,7 +82,13 @@ FAMILIES: dict[str, dict[str, Any]] = {
         "head_dim": 16,
     },
 }
-SENTENCEPIECE = ("gemma2", "gemma3", "phi3", "mixtral")
+# The families GGUF loaded before: config and logits only (their engine paths are tested elsewhere).
+# Mistral without a window (v0.2 on): llama.cpp's converter writes Mistral as "llama" and drops a
+# window, so a windowed Mistral's GGUF attends to the whole context in llama.cpp and here alike.
+FAMILIES |= {"llama": {}, "mistral": {"sliding_window": None}, "qwen2": {}, "qwen3": {"head_dim": 32}}
+EARLIER = ("llama", "mistral", "qwen2", "qwen3")
+GGUF_ARCHITECTURE = {"mistral": "llama"}
+SENTENCEPIECE = ("gemma2", "gemma3", "phi3", "mixtral", "llama", "mistral", "qwen2", "qwen3")
 LENGTHS = {"phi3": (3, 10, 16)}
 
 
@@ -92,6 +99,7 @@ class Converted:
     gguf: LoadedModel
     gguf_path: Path
     hf_path: Path
+    arch: str
 
 
 @pytest.fixture(scope="module", params=sorted(FAMILIES))
@@ -115,7 +123,7 @@ def converted(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
     hf = transformers.AutoModelForCausalLM.from_pretrained(folder, attn_implementation="eager", dtype=torch.float32)
     path = folder / f"{arch}.gguf"
     ours = load_model(folder, dtype=torch.float32)
-    return Converted(hf.eval(), ours, load_model(path, dtype=torch.float32), path, folder)
+    return Converted(hf.eval(), ours, load_model(path, dtype=torch.float32), path, folder, arch)
 
 
 def _convert(arch: str, folder: Path) -> None:
@@ -158,6 +166,7 @@ def _close(a: Any, b: Any) -> bool:
 
 def test_the_gguf_config_is_the_hf_folders(converted: Converted) -> None:
     ours, theirs = converted.gguf.config, converted.folder.config
+    theirs = theirs.replace(architecture=GGUF_ARCHITECTURE.get(converted.arch, theirs.architecture))
     if ours.rope_scaling is not None and theirs.rope_scaling is not None:
         # The converter writes LongRoPE's attention factor out (rope.scaling.attn_factor); the config
         # leaves it to be computed: the same number.
@@ -173,7 +182,7 @@ def test_the_gguf_config_is_the_hf_folders(converted: Converted) -> None:
 
 
 def test_gguf_logits_match_transformers_and_the_hf_folder(converted: Converted) -> None:
-    arch = converted.gguf.config.architecture
+    arch = converted.arch
     batch = prompts(arch)
     with torch.inference_mode():
         reference = [converted.hf(torch.tensor([p])).logits[0].float() for p in batch]
@@ -186,7 +195,9 @@ def test_gguf_logits_match_transformers_and_the_hf_folder(converted: Converted) 
 
 
 def test_gguf_greedy_tokens_through_the_engine_match_transformers(converted: Converted) -> None:
-    arch = converted.gguf.config.architecture
+    arch = converted.arch
+    if arch in EARLIER:
+        pytest.skip("loaded from GGUF before; its engine path is tested on its HF folder")
     engine = make_engine(converted.gguf, max_num_batched_tokens=12, block_size=4)
     try:
         # Phi-3: prompt and tokens within the 16-token original context (see prompts()).
@@ -224,7 +235,7 @@ def _rewrite(source: Path, dest: Path, tensors: list[tuple[str, Any]]) -> None:
 
 def test_per_expert_gguf_tensors_load_as_the_merged_ones(converted: Converted, tmp_path: Path) -> None:
     """Files from before llama.cpp merged its experts name each one: blk.N.ffn_{gate,up,down}.E."""
-    if converted.gguf.config.architecture != "mixtral":
+    if converted.arch != "mixtral":
         pytest.skip("the per-expert layout is Mixtral's (llama.cpp's first MoE)")
     import gguf
     import numpy as np
@@ -250,7 +261,7 @@ def test_per_expert_gguf_tensors_load_as_the_merged_ones(converted: Converted, t
 def test_the_sentencepiece_vocabulary_encodes_as_sentencepiece(converted: Converted) -> None:
     """A "llama" GGUF vocabulary (merges rebuilt from the pieces' scores, byte fallback) splits text
     as the tokenizer.model it came from (with the space prefix the converter keeps for Llama / Phi-3)."""
-    arch = converted.gguf.config.architecture
+    arch = converted.arch
     if arch not in ("mixtral", "phi3"):
         pytest.skip("Gemma's files drop the space prefix; Qwen's vocabulary is byte-level BPE")
     import sentencepiece as spm
@@ -267,7 +278,7 @@ def test_a_q8_0_gguf_loads_each_weight_within_its_quantisation_step(converted: C
     """Quantised by the converter (Q8_0: 32 weights per block, step = block max / 127): every weight
     within about half a step of the F32 file's (a misplaced row or shard would be off by up to 254
     steps), 1-D tensors (norms, Gemma's 1 + w included) exact."""
-    arch = converted.gguf.config.architecture
+    arch = converted.arch
     if arch not in ("gemma2", "phi3", "mixtral"):
         pytest.skip("one family per kind of tensor layout keeps the suite fast")
     import gguf
@@ -283,3 +294,63 @@ def test_a_q8_0_gguf_loads_each_weight_within_its_quantisation_step(converted: C
             # Half a step, plus the float16 rounding of each block's scale (127 steps x 2^-11 < 0.1 step).
             error = (quantised[name] - exact).abs().max()
             assert error <= 0.6 * step, (name, error, step)
+
+
+def _gemma_meta(arch: str, layers: int, **extra: Any) -> dict[str, Any]:
+    meta = {
+        "general.architecture": arch,
+        f"{arch}.block_count": layers,
+        f"{arch}.embedding_length": 4608,
+        f"{arch}.attention.head_count": 32,
+        f"{arch}.attention.head_count_kv": 16,
+        f"{arch}.attention.key_length": 128,
+        f"{arch}.feed_forward_length": 36864,
+        f"{arch}.context_length": 8192,
+        f"{arch}.attention.layer_norm_rms_epsilon": 1e-6,
+        f"{arch}.attention.sliding_window": 4096,
+        f"{arch}.vocab_size": 256000,
+    }
+    return meta | extra
+
+
+def test_gemma_gguf_metadata_rules_are_llama_cpps() -> None:
+    """What a Gemma GGUF does not say is decided as llama.cpp decides it (src/models/gemma2.cpp,
+    gemma3.cpp, llama_model_base::load_swa_pattern): the 27B's query scale is hidden / heads (144),
+    others' head_dim; sliding layers by period (2, 6) or an explicit per-layer array."""
+    big = ModelConfig.from_gguf_metadata(_gemma_meta("gemma2", 46))
+    assert big.attention_scale == pytest.approx(144**-0.5)
+    assert big.sliding_layers is not None and big.sliding_layers[:4] == (True, False, True, False)
+    nine_b = ModelConfig.from_gguf_metadata(_gemma_meta("gemma2", 42))
+    assert nine_b.attention_scale == pytest.approx(128**-0.5)
+    gemma3 = ModelConfig.from_gguf_metadata(_gemma_meta("gemma3", 12))
+    assert gemma3.sliding_layers == (True,) * 5 + (False,) + (True,) * 5 + (False,)
+    assert gemma3.rope_local_theta == 10000.0  # llama.cpp's default without rope.freq_base_swa
+    pattern = [True, False, False]
+    explicit = ModelConfig.from_gguf_metadata(
+        _gemma_meta("gemma3", 3, **{"gemma3.attention.sliding_window_pattern": pattern})
+    )
+    assert explicit.sliding_layers == tuple(pattern)
+    no_window = ModelConfig.from_gguf_metadata(_gemma_meta("gemma3", 6, **{"gemma3.attention.sliding_window": 0}))
+    assert no_window.sliding_window is None and no_window.sliding_layers is None
+
+
+def test_a_qwen3moe_gguf_is_renormalised_unless_it_says_otherwise() -> None:
+    meta = {
+        "general.architecture": "qwen3moe",
+        "qwen3moe.block_count": 2,
+        "qwen3moe.embedding_length": 64,
+        "qwen3moe.attention.head_count": 4,
+        "qwen3moe.attention.key_length": 16,
+        "qwen3moe.feed_forward_length": 128,
+        "qwen3moe.context_length": 256,
+        "qwen3moe.attention.layer_norm_rms_epsilon": 1e-6,
+        "qwen3moe.vocab_size": 384,
+        "qwen3moe.expert_count": 8,
+        "qwen3moe.expert_used_count": 2,
+        "qwen3moe.expert_feed_forward_length": 32,
+    }
+    config = ModelConfig.from_gguf_metadata(meta)
+    assert (config.architecture, config.num_experts, config.num_experts_per_tok) == ("qwen3_moe", 8, 2)
+    assert config.expert_intermediate_size == 32 and config.norm_topk_prob and config.qk_norm
+    meta["qwen3moe.expert_weights_norm"] = False
+    assert not ModelConfig.from_gguf_metadata(meta).norm_topk_prob
