@@ -220,8 +220,15 @@ class ModelConfig:
             raise ModelLoadError(f"{path} lacks the field {exc}") from exc
 
     @classmethod
-    def from_gguf_metadata(cls, meta: Mapping[str, Any], *, name: str = "unnamed") -> ModelConfig:
-        """Build from GGUF key/value metadata (already decoded to Python values)."""
+    def from_gguf_metadata(
+        cls,
+        meta: Mapping[str, Any],
+        *,
+        name: str = "unnamed",
+        longrope_factors: tuple[tuple[float, ...], tuple[float, ...]] | None = None,
+    ) -> ModelConfig:
+        """Build from GGUF key/value metadata (already decoded to Python values). ``longrope_factors``:
+        (short, long), which llama.cpp keeps as tensors (``rope_factors_short/long``), not metadata."""
         arch = str(meta.get("general.architecture"))
         family = families.for_gguf(arch)
         assert family.gguf_fields is not None
@@ -234,6 +241,8 @@ class ModelConfig:
 
         hidden = int(get("embedding_length"))
         num_heads = int(get("attention.head_count"))
+        head_dim = int(meta.get(f"{arch}.attention.key_length") or hidden // num_heads)
+        context = int(get("context_length"))
         vocab = meta.get(f"{arch}.vocab_size") or len(meta.get("tokenizer.ggml.tokens") or ())
         if not vocab:
             raise ModelLoadError("GGUF metadata has neither a vocab_size nor a token list")
@@ -241,28 +250,47 @@ class ModelConfig:
         scaling_type = meta.get(f"{arch}.rope.scaling.type")
         if scaling_type == "linear":
             scaling = RopeScaling("linear", factor=float(get("rope.scaling.factor")))
+        elif scaling_type == "longrope" or (scaling_type is None and longrope_factors):
+            if not longrope_factors:
+                raise ModelLoadError("GGUF says longrope but has no rope_factors_short / rope_factors_long tensors")
+            original = int(get("rope.scaling.original_context_length"))
+            attn_factor = meta.get(f"{arch}.rope.scaling.attn_factor")
+            try:
+                scaling = RopeScaling(
+                    "longrope",
+                    factor=context / original,
+                    original_max_position_embeddings=original,
+                    short_factor=longrope_factors[0],
+                    long_factor=longrope_factors[1],
+                    attention_factor=None if attn_factor is None else float(attn_factor),
+                )
+            except ValueError as exc:
+                raise ModelLoadError(str(exc)) from exc
         elif scaling_type not in (None, "none"):
-            raise ModelLoadError(f"GGUF rope scaling {scaling_type!r} is not supported (supported: linear)")
+            raise ModelLoadError(f"GGUF rope scaling {scaling_type!r} is not supported (supported: linear, longrope)")
+        # Partial rotary (Phi-4-mini): llama.cpp's n_rot; every converter writes it or leaves it to head_dim.
+        rotary = int(meta.get(f"{arch}.rope.dimension_count") or head_dim)
         eos = meta.get("tokenizer.ggml.eos_token_id")
-        return cls(
-            architecture=arch,
-            vocab_size=int(vocab),
-            hidden_size=hidden,
-            intermediate_size=int(get("feed_forward_length")),
-            num_layers=int(get("block_count")),
-            num_heads=num_heads,
-            num_kv_heads=int(get("attention.head_count_kv", num_heads)),
-            head_dim=int(meta.get(f"{arch}.attention.key_length") or hidden // num_heads),
-            max_position_embeddings=int(get("context_length")),
-            rms_norm_eps=float(get("attention.layer_norm_rms_epsilon")),
-            rope_theta=float(get("rope.freq_base", 10000.0)),
-            rope_scaling=scaling,
-            tie_word_embeddings=False,  # decided by the loader: tied when output.weight is absent
-            bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
-            eos_token_ids=(int(eos),) if eos is not None else (),
-            name=name,
-            **family.gguf_fields(meta),
-        )
+        shared: dict[str, Any] = {
+            "architecture": family.name,
+            "vocab_size": int(vocab),
+            "hidden_size": hidden,
+            "intermediate_size": int(get("feed_forward_length")),
+            "num_layers": int(get("block_count")),
+            "num_heads": num_heads,
+            "num_kv_heads": int(get("attention.head_count_kv", num_heads)),
+            "head_dim": head_dim,
+            "max_position_embeddings": context,
+            "rms_norm_eps": float(get("attention.layer_norm_rms_epsilon")),
+            "rope_theta": float(get("rope.freq_base", 10000.0)),
+            "rope_scaling": scaling,
+            "rotary_dim": None if rotary == head_dim else rotary,
+            "tie_word_embeddings": False,  # decided by the loader: tied when output.weight is absent
+            "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
+            "eos_token_ids": (int(eos),) if eos is not None else (),
+            "name": name,
+        }
+        return cls(**(shared | family.gguf_fields(meta)))
 
 
 def _full_rope_parameters(cfg: Mapping[str, Any]) -> Mapping[str, Any] | None:

@@ -17,7 +17,7 @@ from typing import Any
 
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
 from tokenizers import Tokenizer as Backend
 
 from attnserve.model.errors import ModelLoadError
@@ -44,6 +44,23 @@ _SPLITS = {"llama3": _LLAMA3_SPLIT, "llama-bpe": _LLAMA3_SPLIT, "llama-v3": _LLA
 _DIGIT_SPLIT_PRE = ("smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva")
 _GGUF_CONTROL, _GGUF_USER_DEFINED = 3, 4
 _GIL_FREE_ABOVE_CHARS = 4096
+_GGUF_NORMAL = 1
+
+
+def _merges_by_score(tokens: Sequence[str], scores: Sequence[float], types: Sequence[int]) -> list[tuple[str, str]]:
+    """BPE merges implied by a sentencepiece vocabulary: every split of a normal piece into two
+    pieces of the vocabulary, the merged piece's score deciding the order (ties: by the halves' ids)."""
+    vocab = {t: i for i, t in enumerate(tokens)}
+    ranked: list[tuple[float, int, int, str, str]] = []
+    for token, score, kind in zip(tokens, scores, types, strict=True):
+        if kind != _GGUF_NORMAL:
+            continue
+        for cut in range(1, len(token)):
+            left, right = token[:cut], token[cut:]
+            if left in vocab and right in vocab:
+                ranked.append((-score, vocab[left], vocab[right], left, right))
+    ranked.sort()
+    return [(left, right) for *_, left, right in ranked]
 
 
 class Tokenizer:
@@ -96,10 +113,12 @@ class Tokenizer:
     @classmethod
     def from_gguf_metadata(cls, meta: Mapping[str, Any]) -> Tokenizer:
         kind = meta.get("tokenizer.ggml.model")
+        if kind == "llama":
+            return cls._from_gguf_sentencepiece(meta)
         if kind != "gpt2":
             raise ModelLoadError(
-                f"GGUF tokenizer type {kind!r} is not supported (supported: gpt2 byte-level BPE); "
-                "load the model's Hugging Face folder, which carries tokenizer.json"
+                f"GGUF tokenizer type {kind!r} is not supported (supported: gpt2 byte-level BPE, "
+                "llama sentencepiece BPE); load the model's Hugging Face folder, which carries tokenizer.json"
             )
         tokens: list[str] = list(meta["tokenizer.ggml.tokens"])
         merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", ())]
@@ -132,6 +151,41 @@ class Tokenizer:
         )
         bos = meta.get("tokenizer.ggml.bos_token_id")
         if meta.get("tokenizer.ggml.add_bos_token") and bos is not None:
+            backend.post_processor = processors.TemplateProcessing(
+                single=f"{tokens[bos]}:0 $A:0", pair=f"{tokens[bos]}:0 $A:0 $B:1", special_tokens=[(tokens[bos], bos)]
+            )
+        eos = meta.get("tokenizer.ggml.eos_token_id")
+        return cls(
+            backend,
+            bos_token_id=bos,
+            eos_token_ids=() if eos is None else (int(eos),),
+            chat_template=meta.get("tokenizer.chat_template"),
+        )
+
+    @classmethod
+    def _from_gguf_sentencepiece(cls, meta: Mapping[str, Any]) -> Tokenizer:
+        """llama.cpp's "llama" vocabulary (sentencepiece BPE: Llama 2, Mistral, Gemma, Phi-3): pieces
+        spell spaces as U+2581, unknown characters fall back to <0xNN> byte pieces, and merges, which
+        the file does not list, follow the pieces' scores (llama.cpp's llm_tokenizer_spm does the
+        same: the best-scoring adjacent pair first)."""
+        tokens: list[str] = list(meta["tokenizer.ggml.tokens"])
+        scores = list(meta.get("tokenizer.ggml.scores") or [0.0] * len(tokens))
+        types = list(meta.get("tokenizer.ggml.token_type") or [1] * len(tokens))
+        vocab = {t: i for i, t in enumerate(tokens)}
+        backend = Backend(
+            models.BPE(vocab=vocab, merges=_merges_by_score(tokens, scores, types), byte_fallback=True, unk_token=None)
+        )
+        prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
+        steps = [normalizers.Prepend("\u2581")] if prefix else []
+        backend.normalizer = normalizers.Sequence([*steps, normalizers.Replace(" ", "\u2581")])
+        decode = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+        backend.decoder = decoders.Sequence([*decode, decoders.Strip(" ", 1, 0)] if prefix else decode)
+        typed = list(zip(tokens, types, strict=True))
+        specials = [AddedToken(t, special=True, normalized=False) for t, k in typed if k == _GGUF_CONTROL]
+        backend.add_special_tokens(specials)
+        backend.add_tokens([AddedToken(t, normalized=False) for t, k in typed if k == _GGUF_USER_DEFINED])
+        bos = meta.get("tokenizer.ggml.bos_token_id")
+        if meta.get("tokenizer.ggml.add_bos_token", True) and bos is not None:  # llama.cpp's default for spm
             backend.post_processor = processors.TemplateProcessing(
                 single=f"{tokens[bos]}:0 $A:0", pair=f"{tokens[bos]}:0 $A:0 $B:1", special_tokens=[(tokens[bos], bos)]
             )

@@ -148,3 +148,81 @@ def tiny_model_greedy_tokens(
     loaded = load_model("dummy:tiny", dtype=parse_dtype(dtype))
     with torch.inference_mode():
         return list(generate_tokens(loaded.model, list(prompt), max_tokens=steps))
+
+
+def llama_cpp_converter() -> Path | None:
+    """llama.cpp's ``convert_hf_to_gguf.py`` from the sdist ``make llama-server`` unpacks
+    (``$LLAMA_DIR`` or ``.cache/llama.cpp``), or None."""
+    import os
+
+    root = Path(os.environ.get("LLAMA_DIR") or Path(__file__).resolve().parents[1] / ".cache" / "llama.cpp")
+    found = sorted(root.glob("llama_cpp_python-*/vendor/llama.cpp/convert_hf_to_gguf.py"))
+    return found[-1] if found else None
+
+
+# Runs the converter's main() in a fresh interpreter. With --any-pre it first replaces the check of
+# a byte-level BPE tokenizer's pre-tokenizer hash (a table of real models' tokenizers, which no tiny
+# test vocabulary can match) by the answer "qwen2"; tensors and metadata are untouched.
+_CONVERT = """
+import sys
+from pathlib import Path
+script, any_pre = sys.argv[1], sys.argv[2] == "1"
+sys.path[:0] = [str(Path(script).parent), str(Path(script).parent / "gguf-py")]
+if any_pre:
+    import conversion.base
+    conversion.base.TextModel.get_vocab_base_pre = lambda self, tokenizer: "qwen2"
+sys.argv = [script, *sys.argv[3:]]
+import runpy
+runpy.run_path(script, run_name="__main__")
+"""
+
+
+def convert_with_llama_cpp(folder: Path, out: Path, *, outtype: str = "f32", any_pre_tokenizer: bool = False) -> Path:
+    """Convert an HF folder to GGUF with llama.cpp's own converter (the caller skips when
+    :func:`llama_cpp_converter` finds none). Raises with the converter's output on failure."""
+    import subprocess
+    import sys
+
+    script = llama_cpp_converter()
+    assert script is not None, "llama.cpp's converter is not unpacked"
+    argv = [str(folder), "--outfile", str(out), "--outtype", outtype]
+    done = subprocess.run(
+        [sys.executable, "-c", _CONVERT, str(script), "1" if any_pre_tokenizer else "0", *argv],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"convert_hf_to_gguf.py failed ({done.returncode}):\n{done.stderr[-4000:]}")
+    return out
+
+
+def write_sentencepiece_tokenizer(folder: Path, vocab_size: int = 384) -> None:
+    """A tiny sentencepiece BPE model (``tokenizer.model``, byte fallback, exactly ``vocab_size``
+    pieces, ids 0/1/2 = <unk>/<s>/</s>): what llama.cpp's converter reads for the sentencepiece
+    families (Llama 2, Mistral, Gemma, Phi-3)."""
+    import io
+    import random
+
+    import sentencepiece as spm
+
+    rng = random.Random(0)
+    words = ("the", "quick", "brown", "fox", "jumps", "over", "a", "lazy", "dog", "attention", "weights", "layer")
+    text = [" ".join(rng.choice(words) for _ in range(12)) for _ in range(2000)]
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(text),
+        model_writer=model,
+        vocab_size=vocab_size,
+        model_type="bpe",
+        byte_fallback=True,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        character_coverage=1.0,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        minloglevel=2,
+    )
+    (folder / "tokenizer.model").write_bytes(model.getvalue())

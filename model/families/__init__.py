@@ -9,7 +9,7 @@ against transformers. Architectures no family claims fail at load with the suppo
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 Fields = Callable[[Mapping[str, Any]], dict[str, Any]]
@@ -26,7 +26,11 @@ class Family:
     hf_fields: Fields = _none  # from config.json: the family's switches
     hf_model_types: tuple[str, ...] = ()  # model_type values that name it (besides `name`)
     gguf_fields: Fields | None = None  # from GGUF metadata; None: no GGUF support
+    gguf_architectures: tuple[str, ...] = ()  # general.architecture values that name it (besides `name`)
     gguf_permuted_qk: bool = False  # llama.cpp permutes its Q/K rows (undone at load)
+    # llama.cpp's block tensor names where the family departs from Llama's (GGUF part -> HF module).
+    gguf_tensor_names: Mapping[str, str] = field(default_factory=dict)
+    gguf_norm_shift: float = 0.0  # subtracted from GGUF norm weights (Gemma: the converter adds 1)
     needs: str = ""  # what the family changes, in words (the README's table)
 
 
@@ -57,11 +61,15 @@ def for_hf_config(cfg: Mapping[str, Any]) -> Family:
 
 
 def for_gguf(architecture: str) -> Family:
-    family = REGISTRY.get(architecture)
+    family = REGISTRY.get(architecture) or next(
+        (f for f in REGISTRY.values() if architecture in f.gguf_architectures), None
+    )
     if family is None or family.gguf_fields is None:
         from attnserve.model.errors import ModelLoadError
 
-        loadable = ", ".join(f.name for f in REGISTRY.values() if f.gguf_fields is not None)
+        loadable = ", ".join(
+            "/".join((f.name, *f.gguf_architectures)) for f in REGISTRY.values() if f.gguf_fields is not None
+        )
         raise ModelLoadError(f"GGUF architecture {architecture!r} is not supported (supported: {loadable})")
     return family
 
@@ -81,6 +89,18 @@ def whole_context_window(cfg: Mapping[str, Any]) -> int | None:
     if window is None or int(window) >= int(cfg.get("max_position_embeddings", 2048)):
         return None
     return int(window)
+
+
+def gguf_moe_fields(meta: Mapping[str, Any], arch: str, *, normalize: bool) -> dict[str, Any]:
+    """``{arch}.expert_count`` / ``expert_used_count`` / ``expert_feed_forward_length`` (absent where an
+    expert is feed_forward_length wide, as in Mixtral)."""
+    size = meta.get(f"{arch}.expert_feed_forward_length")
+    return {
+        "num_experts": int(meta[f"{arch}.expert_count"]),
+        "num_experts_per_tok": int(meta[f"{arch}.expert_used_count"]),
+        "moe_intermediate_size": int(size) if size else None,
+        "norm_topk_prob": bool(meta.get(f"{arch}.expert_weights_norm", normalize)),
+    }
 
 
 # The families, in the order the README lists them: importing registers them.

@@ -24,6 +24,9 @@ FAMILY = register(
         "mixtral",
         ("MixtralForCausalLM",),
         hf_fields=_hf,
+        # llama.cpp writes Mixtral as architecture "llama" with an expert count: the llama family
+        # hands such files over (model/families/llama.py); Q/K rows permuted as Llama's.
+        gguf_permuted_qk=True,
         needs="router + top-k experts (grouped GEMMs), fused or per-expert checkpoints",
     )
 )
