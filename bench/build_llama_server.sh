@@ -6,10 +6,7 @@ set -euo pipefail
 DEST=${LLAMA_DIR:-.cache/llama.cpp}
 BIN="$DEST/build/bin/llama-server"
 if [ -x "$BIN" ]; then echo "$BIN"; exit 0; fi
-mkdir -p "$DEST"
-python3 -m pip download --quiet --no-deps --no-binary :all: -d "$DEST" llama-cpp-python >&2
-tar -xzf "$DEST"/llama_cpp_python-*.tar.gz -C "$DEST"
-SRC=$(ls -d "$DEST"/llama_cpp_python-*/vendor/llama.cpp)
+SRC=$(bash "$(dirname "$0")/fetch_llama_cpp.sh")
 # LLAMA_USE_PREBUILT_UI=OFF: the build would otherwise download a web UI (no internet here).
 cmake -S "$SRC" -B "$DEST/build" -DCMAKE_BUILD_TYPE=Release -DLLAMA_BUILD_SERVER=ON -DLLAMA_USE_PREBUILT_UI=OFF \
   -DLLAMA_CURL=OFF -DGGML_NATIVE=ON -DBUILD_SHARED_LIBS=OFF >&2
