@@ -169,29 +169,57 @@ def build_request(
     if n is not None:
         request.n = n
     if attention_layers is not None:
-        if head_reduction not in _REDUCTIONS or attention_dtype not in _DTYPES:
-            raise ValueError(
-                f"head_reduction: one of {', '.join(_REDUCTIONS)}; attention_dtype: one of {', '.join(_DTYPES)}"
-            )
-        request.attention.layers.extend(attention_layers)
-        request.attention.head_reduction = _REDUCTIONS[head_reduction]
-        request.attention.include_prompt = include_prompt
-        request.attention.dtype = _DTYPES[attention_dtype]
-        request.attention.top_k = attention_top_k
-        for start, end in attention_spans:
-            request.attention.spans.add(start=start, end=end)
-    if residual_points or residual_layers:
-        request.residuals.points.extend(POINTS[p] for p in residual_points)
-        request.residuals.layers.extend(residual_layers)
-        request.residuals.include_prompt = inspect_prompt
-        request.residuals.dtype = _DTYPES[residual_dtype]
-    if logit_lens_layers:
-        request.logit_lens.layers.extend(logit_lens_layers)
-        request.logit_lens.top_k = logit_lens_top_k
-        request.logit_lens.include_prompt = inspect_prompt
+        _ask_attention(
+            request, attention_layers, head_reduction, include_prompt, attention_dtype, attention_top_k, attention_spans
+        )
+    _ask_inspection(
+        request, residual_points, residual_layers, residual_dtype, logit_lens_layers, logit_lens_top_k, inspect_prompt
+    )
     request.steering.extend(s.message() for s in steering)
     request.ablations.extend(a.message() for a in ablations)
     return request
+
+
+def _ask_attention(
+    request: pb.GenerateRequest,
+    layers: Sequence[int],
+    head_reduction: str,
+    include_prompt: bool,
+    dtype: str,
+    top_k: int,
+    spans: Sequence[tuple[int, int]],
+) -> None:
+    if head_reduction not in _REDUCTIONS or dtype not in _DTYPES:
+        raise ValueError(
+            f"head_reduction: one of {', '.join(_REDUCTIONS)}; attention_dtype: one of {', '.join(_DTYPES)}"
+        )
+    request.attention.layers.extend(layers)
+    request.attention.head_reduction = _REDUCTIONS[head_reduction]
+    request.attention.include_prompt = include_prompt
+    request.attention.dtype = _DTYPES[dtype]
+    request.attention.top_k = top_k
+    for start, end in spans:
+        request.attention.spans.add(start=start, end=end)
+
+
+def _ask_inspection(
+    request: pb.GenerateRequest,
+    points: Sequence[str],
+    layers: Sequence[int],
+    dtype: str,
+    lens_layers: Sequence[int],
+    lens_top_k: int,
+    include_prompt: bool,
+) -> None:
+    if points or layers:
+        request.residuals.points.extend(POINTS[p] for p in points)
+        request.residuals.layers.extend(layers)
+        request.residuals.include_prompt = include_prompt
+        request.residuals.dtype = _DTYPES[dtype]
+    if lens_layers:
+        request.logit_lens.layers.extend(lens_layers)
+        request.logit_lens.top_k = lens_top_k
+        request.logit_lens.include_prompt = include_prompt
 
 
 def _chat_messages(messages: Sequence[Message]) -> list[pb.ChatMessage]:
