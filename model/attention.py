@@ -322,9 +322,10 @@ SLIDING_WINDOW_PATHS = (
 
 
 def kv_cache_dtype(dtype: torch.dtype, device: torch.device, *, batch_invariant: bool) -> torch.dtype:
-    """The dtype the paged cache keeps K/V in: the model's, except on the batch-invariant CPU path,
-    whose sparse kernels read float32 (a narrower model's K/V are held exactly, upcast)."""
-    if batch_invariant and device.type == "cpu" and dtype not in cpu_sparse.SPARSE_DTYPES:
+    """The dtype the paged cache keeps K/V in: the model's. The batch-invariant CPU path's ATen
+    fallback (no native kernels) reads float32 only: there a narrower model's K/V are held exactly, upcast."""
+    fallback = batch_invariant and device.type == "cpu" and not cpu_native.available()
+    if fallback and dtype not in cpu_sparse.SPARSE_DTYPES:
         return torch.float32
     return dtype
 
