@@ -218,7 +218,7 @@
     state.bytes += bytes;
     state.totalBytes += bytes;
     state.rowsReceived += 1;
-    state.dtypes.add(row.num_kept ? `${row.dtype} top-${row.num_kept}` : row.dtype);
+    state.dtypes.add(row.num_kept ? `${row.dtype}, top-${state.attnTopK} per head row` : row.dtype);
   }
 
   // Rows 0..n-1 of a layer that have arrived (they arrive in order).
