@@ -71,7 +71,9 @@ def save_screenshot(page: Any, selector: str, tmp_path: Path, name: str) -> None
 
 def wait_section(page: Any, section: str) -> None:
     # Selectors, not wait_for_function: the page's Content-Security-Policy forbids the eval() that needs.
-    page.wait_for_selector(f"#{section}[data-state=done], #{section}[data-state=error]", state="attached", timeout=90_000)
+    page.wait_for_selector(
+        f"#{section}[data-state=done], #{section}[data-state=error]", state="attached", timeout=90_000
+    )
     status = page.inner_text(f"#{section}-status")
     assert page.get_attribute(f"#{section}", "data-state") == "done", status
 
@@ -114,7 +116,9 @@ def test_logit_lens_grid_is_layers_by_tokens_and_its_last_layer_is_the_output(
     # The grid: one row per layer (the last on top), one column per generated token.
     assert page.get_attribute("#lens-grid", "data-layers") == str(num_layers)
     assert page.get_attribute("#lens-grid", "data-cols") == str(len(generated))
-    header = page.eval_on_selector_all("#lens-grid thead th[data-col]", "ths => ths.map(t => Number(t.dataset.tokenId))")
+    header = page.eval_on_selector_all(
+        "#lens-grid thead th[data-col]", "ths => ths.map(t => Number(t.dataset.tokenId))"
+    )
     assert header == generated
     cells = page.eval_on_selector_all(
         "#lens-grid td.lens-cell",
@@ -132,7 +136,9 @@ def test_logit_lens_grid_is_layers_by_tokens_and_its_last_layer_is_the_output(
         assert (c["id"], c["token"]) == (r["token_ids"][0], r["tokens"][0]), c
         assert math.isclose(c["prob"], r["probs"][0], rel_tol=1e-6)
         alpha = float(c["background"].rstrip(")").split(",")[-1])
-        assert math.isclose(alpha, 0.08 + 0.85 * r["probs"][0], abs_tol=0.005), "shaded by its probability (8-bit alpha)"
+        assert math.isclose(alpha, 0.08 + 0.85 * r["probs"][0], abs_tol=0.005), (
+            "shaded by its probability (8-bit alpha)"
+        )
         assert len(c["title"].splitlines()) == 1 + 4, "the tooltip lists the top-k"
         assert c["match"] == (r["token_ids"][0] == generated[c["col"]])
     last = [c["id"] for c in cells if c["layer"] == num_layers - 1]
@@ -163,7 +169,7 @@ def marked(page: Any, run: str) -> tuple[list[int], list[int]]:
     """(generated indices marked as the first divergence, generated indices marked as after it)."""
     spans = page.eval_on_selector_all(
         f"#{run} .run-tokens span[data-gen]",
-        "ss => ss.map(s => [Number(s.dataset.gen), s.classList.contains('divergence'), s.classList.contains('diverged')])",
+        "ss => ss.map(s => [Number(s.dataset.gen), ...['divergence', 'diverged'].map(c => s.classList.contains(c))])",
     )
     return [g for g, first, _ in spans if first], [g for g, _, after in spans if after]
 
@@ -197,11 +203,15 @@ def test_two_runs_mark_where_steered_or_ablated_tokens_part(
     assert asked_a["temperature"] == asked_b["temperature"] == 0
     if intervention == "steer":
         [steer] = asked_b["steering"]
-        assert (steer["layer"], steer["point"], steer["positions"], steer["scale"]) == (0, "resid_post", "generated", 40)
+        where = (steer["layer"], steer["point"], steer["positions"], steer["scale"])
+        assert where == (0, "resid_post", "generated", 40)
         assert len(steer["vector"]) == card["hidden_size"]
         assert math.isclose(float(np.linalg.norm(steer["vector"])), 1, rel_tol=1e-6), "a unit direction"
     else:
-        assert asked_b["ablations"] == [{"layer": 0, "heads": [0, 2], "scale": 0}, {"layer": 1, "heads": [1], "scale": 0}]
+        assert asked_b["ablations"] == [
+            {"layer": 0, "heads": [0, 2], "scale": 0},
+            {"layer": 1, "heads": [1], "scale": 0},
+        ]
 
     ids_a, ids_b = reply_a["choices"][0]["token_ids"], reply_b["choices"][0]["token_ids"]
     assert ids_a != ids_b, f"the {intervention} changes the tiny model's greedy tokens"
