@@ -12,8 +12,6 @@ from __future__ import annotations
 import base64
 import json
 import math
-import os
-import shutil
 import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
@@ -61,12 +59,10 @@ def page(tiny_server: ServerProcess, card: dict[str, Any], browser: Any) -> Iter
 
 
 def save_screenshot(page: Any, selector: str, tmp_path: Path, name: str) -> None:
-    """The view's screenshot; ATTNSERVE_SCREENSHOT_DIR=docs/explorer keeps a copy there."""
+    """The view renders to a picture (the README's are of the default model: bench/explorer_screenshots.py)."""
     shot = tmp_path / name
     page.locator(selector).screenshot(path=str(shot))
     assert shot.stat().st_size > 5_000
-    if os.environ.get("ATTNSERVE_SCREENSHOT_DIR"):
-        shutil.copy(shot, Path(os.environ["ATTNSERVE_SCREENSHOT_DIR"]) / name)
 
 
 def wait_section(page: Any, section: str) -> None:

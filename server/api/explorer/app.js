@@ -885,6 +885,11 @@
       const cell = m.n ? Math.max(1, Math.min(8, Math.floor(360 / m.n))) : 1;
       paint(canvas, { ...m, vmax }, cell);
       Object.assign(canvas.dataset, { rows: m.n, cell, layer: c.layer });
+      if (d !== null && c.promptLen + d < m.n) { // the row of the first token that differs
+        const ctx = canvas.getContext("2d");
+        ctx.fillStyle = "#c92a2a";
+        ctx.fillRect(0, (c.promptLen + d) * cell, canvas.width, 1);
+      }
       figure.querySelector(".run-cell").textContent =
         `layer ${c.layer}, mean of heads, ${run.bytes.toLocaleString()} bytes · hover a token for its row`;
     });
