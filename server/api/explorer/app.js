@@ -233,7 +233,7 @@
   // top-k row kept no weight (a key kept by some heads only counts 0 for the others in the mean).
   function rowView(row, head) {
     if (row.view && row.view.head === head) return row.view.values;
-    const values = new Float64Array(row.ctx);
+    const values = new Float32Array(row.ctx);
     const heads = typeof head === "number" ? [head] : Array.from({ length: row.heads }, (_, h) => h);
     if (!row.kept) {
       for (let k = 0; k < row.ctx; k++) {
