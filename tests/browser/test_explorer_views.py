@@ -338,3 +338,26 @@ def test_top_k_rows_draw_the_kept_positions_only(page: Any) -> None:
                 bad.append((q, key, got))
     assert not bad, f"{len(bad)} of {n * n} cells off the server's top-k rows, e.g. {bad[:5]}"
     assert sum(c == list(palette["notKept"]) for c in drawn) > n, "the rows are sparse on the page too"
+
+
+@pytest.mark.slow
+def test_a_long_prompt_with_top_k_stays_light(page: Any, card: dict[str, Any]) -> None:
+    """~900 prompt rows: top-4 rows cost heads x 4 x 6 bytes each, against heads x context x 2 whole."""
+    k, max_tokens = 4, 4
+    page.check("input[name=mode][value=prompt]")
+    page.fill("#prompt", " ".join([PROMPT] * 20))
+    page.fill("#max-tokens", str(max_tokens))
+    page.fill("#attn-top-k", str(k))
+    with page.expect_response(lambda r: r.url.endswith("/v1/completions"), timeout=90_000) as sent:
+        page.click("#send")
+    page.wait_for_selector("body[data-state=done], body[data-state=error]", state="attached", timeout=90_000)
+    assert page.get_attribute("body", "data-state") == "done", page.inner_text("#status")
+    rows = [row for c in sse_choices(sent.value.body()) for row in c.get("attention") or ()]
+    n = len(rows)
+    assert n > 800 and page.get_attribute("#heatmap", "data-rows") == str(n)
+    heads = card["num_heads"]
+    kept_bytes = sum(heads * min(k, r["context_len"]) * 6 for r in rows)
+    whole_bytes = sum(heads * r["context_len"] * 2 for r in rows)
+    assert int(page.get_attribute("#bytes", "data-bytes") or 0) == kept_bytes
+    assert kept_bytes * 30 < whole_bytes, (kept_bytes, whole_bytes)  # ~36x lighter here (mean context ~430)
+    assert "top-4 per head row" in page.inner_text("#bytes")
