@@ -13,6 +13,7 @@
   const LUT = buildLut(VIRIDIS, 256);
   const FUTURE = [238, 238, 234]; // keys after the query: the causal mask, never attended to
   const SINK = [170, 170, 170]; // the first-token column while it is left out of the scale
+  const NOT_KEPT = [255, 255, 255]; // top-k rows: a key outside the row's k largest weights
   const SPECIAL = /^(<\|[^|]*\|>|<\/?s>|<unk>|<pad>)$/;
 
   const state = {
@@ -28,6 +29,7 @@
     layer: 0,
     head: "mean",
     hideSink: true,
+    attnTopK: 0, // top-k per row asked with the text shown (0: whole rows)
     logScale: false,
     bytes: 0, // weights of the sequence shown (reset with each new prompt)
     rowsReceived: 0,
@@ -41,7 +43,7 @@
   };
   // For the browser test and for the curious, at the console: the state and the colour scale.
   window.explorer = state;
-  state.palette = { lut: LUT, future: FUTURE, sink: SINK, decades: DECADES };
+  state.palette = { lut: LUT, future: FUTURE, sink: SINK, notKept: NOT_KEPT, decades: DECADES };
 
   // ------------------------------------------------------------------ colours
   function hexRgb(hex) {
@@ -75,8 +77,8 @@
     return h;
   }
 
-  async function api(path, body) {
-    const init = { headers: headers(), signal: state.abort ? state.abort.signal : undefined };
+  async function api(path, body, signal = state.abort ? state.abort.signal : undefined) {
+    const init = { headers: headers(), signal };
     if (body !== undefined) Object.assign(init, { method: "POST", body: JSON.stringify(body) });
     const res = await fetch(path, init);
     if (!res.ok) throw new Error(await errorText(res));
@@ -105,8 +107,26 @@
   }
 
   // Only the shown layer, every head of it, float16: the lightest ask that still feeds the grid.
-  function attentionAsk(layer) {
-    return { layers: [layer], head_reduction: "none", include_prompt: true, dtype: "float16" };
+  // With top-k, each head's row keeps its k largest weights (and their key positions) only.
+  function attentionAsk(layer, topK = state.attnTopK) {
+    const ask = { layers: [layer], head_reduction: "none", include_prompt: true, dtype: "float16" };
+    if (topK > 0) ask.top_k = topK;
+    return ask;
+  }
+
+  function numberIn(id, fallback) {
+    const text = $(id).value.trim();
+    const v = Number(text);
+    return text === "" || !Number.isFinite(v) ? fallback : v;
+  }
+
+  // The prompt box as a request's input: the chat so far plus this message, or a raw prompt.
+  function promptInput(mode, text) {
+    return mode === "chat" ? { messages: [...state.messages, { role: "user", content: text }] } : { prompt: text };
+  }
+
+  function completionPath(mode) {
+    return mode === "chat" ? "/v1/chat/completions" : "/v1/completions";
   }
 
   function sampling() {
@@ -172,15 +192,33 @@
     return out;
   }
 
-  function storeRow(row) {
+  // One row as the page keeps it: {heads, ctx, kept, w, pos}; whole rows have w (heads, ctx) and
+  // kept 0; top-k rows have w and pos (heads, kept), the weights largest first. Returns its bytes.
+  function decodeRow(row) {
     const bytes = base64Bytes(row.weights);
-    const w = decodeWeights(bytes, row.dtype, row.num_heads * row.context_len);
+    const kept = row.num_kept || 0;
+    const w = decodeWeights(bytes, row.dtype, row.num_heads * (kept || row.context_len));
+    let pos = null;
+    let posBytes = 0;
+    if (kept) {
+      const raw = base64Bytes(row.positions);
+      const view = new DataView(raw.buffer);
+      if (raw.length !== row.num_heads * kept * 4) throw new Error(`${raw.length} bytes do not hold the positions`);
+      pos = new Int32Array(row.num_heads * kept);
+      for (let i = 0; i < pos.length; i++) pos[i] = view.getInt32(i * 4, true);
+      posBytes = raw.length;
+    }
+    return { row: { heads: row.num_heads, ctx: row.context_len, kept, w, pos }, bytes: bytes.length + posBytes };
+  }
+
+  function storeRow(row) {
+    const { row: kept, bytes } = decodeRow(row);
     if (!state.layers.has(row.layer)) state.layers.set(row.layer, []);
-    state.layers.get(row.layer)[row.position] = { heads: row.num_heads, ctx: row.context_len, w };
-    state.bytes += bytes.length;
-    state.totalBytes += bytes.length;
+    state.layers.get(row.layer)[row.position] = kept;
+    state.bytes += bytes;
+    state.totalBytes += bytes;
     state.rowsReceived += 1;
-    state.dtypes.add(row.dtype);
+    state.dtypes.add(row.num_kept ? `${row.dtype}, top-${state.attnTopK} per head row` : row.dtype);
   }
 
   // Rows 0..n-1 of a layer that have arrived (they arrive in order).
@@ -191,31 +229,59 @@
     return n;
   }
 
-  function cellValue(row, k, head) {
-    if (typeof head === "number") return row.w[head * row.ctx + k];
-    let acc = head === "max" ? -Infinity : 0;
-    for (let h = 0; h < row.heads; h++) {
-      const v = row.w[h * row.ctx + k];
-      acc = head === "max" ? Math.max(acc, v) : acc + v;
+  // A row's weights for one head (an index, "mean" or "max") over its whole context, NaN where a
+  // top-k row kept no weight (a key kept by some heads only counts 0 for the others in the mean).
+  function rowView(row, head) {
+    if (row.view && row.view.head === head) return row.view.values;
+    const values = new Float32Array(row.ctx);
+    const heads = typeof head === "number" ? [head] : Array.from({ length: row.heads }, (_, h) => h);
+    if (!row.kept) {
+      for (let k = 0; k < row.ctx; k++) {
+        let acc = head === "max" ? -Infinity : 0;
+        for (const h of heads) {
+          const v = row.w[h * row.ctx + k];
+          acc = head === "max" ? Math.max(acc, v) : acc + v;
+        }
+        values[k] = head === "mean" ? acc / row.heads : acc;
+      }
+    } else {
+      values.fill(NaN);
+      for (const h of heads) {
+        for (let j = 0; j < row.kept; j++) {
+          const k = row.pos[h * row.kept + j];
+          const v = row.w[h * row.kept + j];
+          const old = Number.isNaN(values[k]) ? (head === "max" ? -Infinity : 0) : values[k];
+          values[k] = head === "max" ? Math.max(old, v) : old + v;
+        }
+      }
+      if (head === "mean") for (let k = 0; k < row.ctx; k++) values[k] /= row.heads;
     }
-    return head === "max" ? acc : acc / row.heads;
+    row.view = { head, values };
+    return values;
   }
 
-  // The (n, n) query x key matrix of one layer and head (mean, max or an index); -1 marks the causal mask.
-  function matrix(layer, head) {
-    const rows = state.layers.get(layer) || [];
-    const n = rowCount(layer);
+  function cellValue(row, k, head) {
+    return rowView(row, head)[k];
+  }
+
+  // The (n, n) query x key matrix of rows by query position and a head (mean, max or an index);
+  // -1 marks the causal mask, NaN a key a top-k row did not keep.
+  function matrixOf(rows, n, head) {
     const values = new Float32Array(n * n).fill(-1);
     let vmax = 0;
     for (let q = 0; q < n; q++) {
-      const row = rows[q];
-      for (let k = 0; k < Math.min(row.ctx, n); k++) {
-        const v = cellValue(row, k, head);
+      const view = rowView(rows[q], head);
+      for (let k = 0; k < Math.min(view.length, n); k++) {
+        const v = view[k];
         values[q * n + k] = v;
-        if (!(state.hideSink && k === 0)) vmax = Math.max(vmax, v);
+        if (!(state.hideSink && k === 0) && v > vmax) vmax = v;
       }
     }
     return { n, values, vmax: vmax || 1 };
+  }
+
+  function matrix(layer, head) {
+    return matrixOf(state.layers.get(layer) || [], rowCount(layer), head);
   }
 
   // ------------------------------------------------------------------ drawing
@@ -227,7 +293,8 @@
     const image = new ImageData(n, n);
     for (let i = 0; i < n * n; i++) {
       const v = values[i];
-      const rgb = v < 0 ? FUTURE : state.hideSink && i % n === 0 ? SINK : LUT[Math.round(norm(v, vmax) * 255)];
+      const rgb = Number.isNaN(v) ? NOT_KEPT : v < 0 ? FUTURE : state.hideSink && i % n === 0 ? SINK
+        : LUT[Math.round(norm(v, vmax) * 255)];
       image.data.set([rgb[0], rgb[1], rgb[2], 255], i * 4);
     }
     const small = document.createElement("canvas");
@@ -332,15 +399,24 @@
     const rows = state.layers.get(state.layer) || [];
     const row = focus === null ? null : rows[focus];
     let vmax = 0;
-    if (row) for (let k = state.hideSink ? 1 : 0; k < row.ctx; k++) vmax = Math.max(vmax, cellValue(row, k, state.head));
+    shadeSpans(box.children, row ? rowView(row, state.head) : null);
     for (let i = 0; i < box.children.length; i++) {
-      const span = box.children[i];
-      span.classList.toggle("focus", i === state.hover);
-      span.classList.toggle("pinned", i === state.pinned);
+      box.children[i].classList.toggle("focus", i === state.hover);
+      box.children[i].classList.toggle("pinned", i === state.pinned);
+    }
+  }
+
+  // Shades token spans by one row's weights (strongest 0.9 opaque); keys a top-k row did not keep
+  // stay plain and carry no weight.
+  function shadeSpans(spans, view) {
+    let vmax = 0;
+    if (view) for (let k = state.hideSink ? 1 : 0; k < view.length; k++) if (view[k] > vmax) vmax = view[k];
+    for (let i = 0; i < spans.length; i++) {
+      const span = spans[i];
       let shade = "";
       delete span.dataset.weight;
-      if (row && i < row.ctx) {
-        const v = cellValue(row, i, state.head);
+      if (view && i < view.length && !Number.isNaN(view[i])) {
+        const v = view[i];
         span.dataset.weight = v;
         const sink = state.hideSink && i === 0;
         shade = sink ? "rgba(150,150,150,0.45)" : `rgba(232,89,12,${(0.9 * norm(v, vmax || 1)).toFixed(3)})`;
@@ -365,7 +441,8 @@
     const fetched = [...state.layers.keys()].sort((a, b) => a - b).join(", ") || "none";
     const kib = (n) => `${(n / 1024).toFixed(1)} KiB`;
     $("bytes").textContent =
-      `attention weights received for this text: ${state.bytes.toLocaleString()} bytes (${kib(state.bytes)}) in ` +
+      `attention weights${state.attnTopK ? " and top-k positions" : ""} received for this text: ` +
+      `${state.bytes.toLocaleString()} bytes (${kib(state.bytes)}) in ` +
       `${state.rowsReceived} rows${state.dtypes.size ? ` of ${[...state.dtypes].join("/")}` : ""} · ` +
       `layers fetched: ${fetched} · since the page opened: ${kib(state.totalBytes)}`;
     $("bytes").dataset.bytes = state.bytes;
@@ -440,15 +517,16 @@
     setBusy(true);
     let reply = "";
     const mode = state.mode;
-    const input = mode === "chat" ? { messages: [...state.messages, { role: "user", content: text }] } : { prompt: text };
+    const input = promptInput(mode, text);
     try {
       if (!state.model) await loadModel();
       setState("streaming", "tokenizing…");
       resetSequence(await (await api("/tokenize", input)).json());
       setState("streaming", "generating…");
+      state.attnTopK = Math.max(0, Math.floor(numberIn("attn-top-k", 0)));
       const body = { ...input, ...sampling(), stream: true, attention: attentionAsk(state.layer) };
       Object.assign(body, mode === "chat" ? { logprobs: true, top_logprobs: 0 } : { logprobs: 0 });
-      const path = mode === "chat" ? "/v1/chat/completions" : "/v1/completions";
+      const path = completionPath(mode);
       await readEvents(await api(path, body), (choice) => { reply += onGenerated(choice, mode); });
       setState("done", `${state.tokens.length - state.promptLen} tokens generated`);
     } catch (e) {
@@ -516,6 +594,321 @@
     }
   }
 
+
+  // ------------------------------------------------------------------ one greedy run, whole
+  // The generated tokens of a non-streamed choice: [{id, text}], ids from return_token_ids and
+  // texts from the logprobs entries (one per token).
+  function generatedTokens(choice, mode) {
+    const lp = choice.logprobs || {};
+    const texts = mode === "chat" ? (lp.content || []).map((e) => e.token) : lp.tokens || [];
+    const ids = choice.token_ids || [];
+    return ids.map((id, i) => ({ id, text: texts[i] === undefined ? "?" : texts[i] }));
+  }
+
+  // A greedy run of the prompt box (max tokens from the sampling box) with extra body fields.
+  async function greedyRun(extra, signal) {
+    const text = $("prompt").value;
+    if (!text.trim()) throw new Error("type a prompt first");
+    if (!state.model) await loadModel();
+    const mode = state.mode;
+    const input = promptInput(mode, text);
+    const body = { ...input, max_tokens: numberIn("max-tokens", 16), temperature: 0, return_token_ids: true, ...extra };
+    Object.assign(body, mode === "chat" ? { logprobs: true, top_logprobs: 0 } : { logprobs: 0 });
+    const reply = await (await api(completionPath(mode), body, signal)).json();
+    const choice = reply.choices[0];
+    return { input, mode, choice, promptLen: reply.usage.prompt_tokens, tokens: generatedTokens(choice, mode) };
+  }
+
+  function visible(text) {
+    return text.replace(/\n/g, "↵").replace(/ /g, "·") || "∅";
+  }
+
+  // ------------------------------------------------------------------ logit lens
+  // One request: the lens of every layer at every generated token; a grid of layers (the last on
+  // top, next to the tokens the model chose) x generated tokens, each cell its top token shaded by
+  // its probability. The last layer's lens is the model's own distribution, so under greedy
+  // decoding its top tokens are the generated ones (cells that agree are marked).
+  async function runLens() {
+    const section = $("lens");
+    if (section.dataset.state === "running") return;
+    section.dataset.state = "running";
+    $("lens-run").disabled = true;
+    $("lens-status").textContent = "running…";
+    try {
+      if (!state.model) await loadModel();
+      const layers = Array.from({ length: state.model.num_layers }, (_, i) => i);
+      const topK = Math.min(20, Math.max(1, Math.floor(numberIn("lens-top-k", 5))));
+      const run = await greedyRun({ logit_lens: { layers, top_k: topK } });
+      const lens = { layers, topK, promptLen: run.promptLen, tokens: run.tokens, cells: new Map() };
+      for (const r of run.choice.logit_lens || []) lens.cells.set(`${r.layer}:${r.position}`, r);
+      state.lens = lens;
+      renderLens(lens);
+      $("lens-status").textContent =
+        `${layers.length} layers × ${run.tokens.length} tokens · ${(run.choice.logit_lens || []).length} lens rows`;
+      section.dataset.state = "done";
+    } catch (e) {
+      $("lens-status").textContent = e.message;
+      section.dataset.state = "error";
+    } finally {
+      $("lens-run").disabled = false;
+    }
+  }
+
+  function renderLens(lens) {
+    const table = $("lens-grid");
+    const head = document.createElement("thead");
+    const top = head.insertRow();
+    const corner = document.createElement("th");
+    corner.scope = "col";
+    corner.textContent = "layer \\ token";
+    top.appendChild(corner);
+    lens.tokens.forEach((t, i) => {
+      const th = document.createElement("th");
+      th.scope = "col";
+      th.textContent = visible(t.text);
+      th.title = `generated token ${i} (position ${lens.promptLen + i}): ${JSON.stringify(t.text)}`;
+      Object.assign(th.dataset, { col: i, tokenId: t.id });
+      top.appendChild(th);
+    });
+    const body = document.createElement("tbody");
+    for (const layer of [...lens.layers].reverse()) {
+      const tr = body.insertRow();
+      const th = document.createElement("th");
+      th.scope = "row";
+      th.textContent = String(layer);
+      tr.appendChild(th);
+      lens.tokens.forEach((t, i) => {
+        const position = lens.promptLen - 1 + i;
+        const r = lens.cells.get(`${layer}:${position}`);
+        const td = tr.insertCell();
+        td.className = "lens-cell";
+        td.tabIndex = -1;
+        Object.assign(td.dataset, { layer, col: i, position });
+        if (!r) {
+          td.textContent = "·";
+          return;
+        }
+        const p = r.probs[0];
+        td.textContent = visible(r.tokens[0]);
+        td.style.background = `rgba(59,91,219,${(0.08 + 0.85 * p).toFixed(3)})`;
+        td.classList.toggle("dark", p > 0.5);
+        td.classList.toggle("match", r.token_ids[0] === t.id);
+        Object.assign(td.dataset, { token: r.tokens[0], tokenId: r.token_ids[0], prob: p });
+        td.title = `layer ${layer}, position ${position} (predicts generated token ${i}):\n` +
+          r.tokens.map((tok, j) => `${JSON.stringify(tok)} ${r.probs[j].toFixed(3)}`).join("\n");
+        td.setAttribute("aria-label", `layer ${layer}, token ${i}: ${r.tokens[0]} ${(p * 100).toFixed(0)}%`);
+      });
+    }
+    table.replaceChildren(head, body);
+    const first = table.querySelector("td.lens-cell");
+    if (first) first.tabIndex = 0;
+    Object.assign(table.dataset, { layers: lens.layers.length, cols: lens.tokens.length });
+  }
+
+  function describeLensCell(td) {
+    if (!td || !td.dataset.token) return;
+    $("lens-cell").textContent = td.title.replace(/\n/g, " · ");
+  }
+
+  // Arrow keys move through the grid (one tab stop for the whole grid).
+  function onLensKey(event) {
+    const td = event.target.closest("td.lens-cell");
+    const moves = { ArrowLeft: [0, -1], ArrowRight: [0, 1], ArrowUp: [-1, 0], ArrowDown: [1, 0] };
+    if (!td || !moves[event.key]) return;
+    const [dr, dc] = moves[event.key];
+    const tr = td.parentElement;
+    const rows = [...tr.parentElement.rows];
+    const row = rows[rows.indexOf(tr) + dr];
+    const next = row && row.cells[td.cellIndex + dc];
+    if (!next || next.tagName !== "TD") return;
+    event.preventDefault();
+    td.tabIndex = -1;
+    next.tabIndex = 0;
+    next.focus();
+  }
+
+  // ------------------------------------------------------------------ two runs
+  // "1:0,2; 3:1" -> [{layer: 1, heads: [0, 2], scale}, {layer: 3, heads: [1], scale}]
+  function parseAblations(text, scale) {
+    const m = state.model;
+    const out = [];
+    for (const part of text.split(";").map((p) => p.trim()).filter(Boolean)) {
+      const match = /^(\d+)\s*:\s*(\d+(?:\s*,\s*\d+)*)$/.exec(part);
+      if (!match) throw new Error(`ablate heads: "${part}" is not layer:head,head`);
+      const layer = Number(match[1]);
+      const heads = match[2].split(",").map(Number);
+      if (layer >= m.num_layers) throw new Error(`ablate heads: layer ${layer} (the model has ${m.num_layers})`);
+      const bad = heads.find((h) => h >= m.num_heads);
+      if (bad !== undefined) throw new Error(`ablate heads: head ${bad} (the model has ${m.num_heads} per layer)`);
+      out.push({ layer, heads, scale });
+    }
+    return out;
+  }
+
+  // A unit vector of hidden_size from a seed (mulberry32 and Box-Muller): the same seed, the same direction.
+  function randomDirection(seed, size) {
+    let a = seed >>> 0;
+    const uniform = () => {
+      a = (a + 0x6d2b79f5) >>> 0;
+      let t = a;
+      t = Math.imul(t ^ (t >>> 15), t | 1);
+      t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
+      return (((t ^ (t >>> 14)) >>> 0) + 0.5) / 4294967296;
+    };
+    const v = Array.from({ length: size }, () => Math.sqrt(-2 * Math.log(uniform())) * Math.cos(2 * Math.PI * uniform()));
+    const length = Math.hypot(...v) || 1;
+    return v.map((x) => x / length);
+  }
+
+  // Run B's extra body fields and a line saying what they are ({} and "plain" when none is set).
+  function interventions() {
+    const extra = {};
+    const what = [];
+    const ablateText = $("ablate").value.trim();
+    if (ablateText) {
+      const scale = numberIn("ablate-scale", 0);
+      extra.ablations = parseAblations(ablateText, scale);
+      what.push(`heads ${ablateText} ${scale === 0 ? "zeroed" : `scaled ×${scale}`}`);
+    }
+    if ($("steer-on").checked) {
+      const layer = Number($("steer-layer").value);
+      const seed = Math.floor(numberIn("steer-seed", 1));
+      const scale = numberIn("steer-scale", 8);
+      const point = $("steer-point").value;
+      const positions = $("steer-positions").value;
+      extra.steering = [{ layer, vector: randomDirection(seed, state.model.hidden_size), scale, point, positions }];
+      what.push(`steered at layer ${layer} ${point} by ${scale} × random unit vector (seed ${seed}, ${positions} positions)`);
+    }
+    return { extra, what: what.join(" · ") || "plain" };
+  }
+
+  function firstDivergence(a, b) {
+    const n = Math.min(a.length, b.length);
+    for (let i = 0; i < n; i++) if (a[i].id !== b[i].id) return i;
+    return a.length === b.length ? null : n;
+  }
+
+  async function runCompare() {
+    const section = $("compare");
+    if (section.dataset.state === "running") return;
+    section.dataset.state = "running";
+    $("compare-run").disabled = true;
+    $("compare-status").textContent = "running both…";
+    try {
+      if (!state.model) await loadModel();
+      const { extra, what } = interventions();
+      const layer = Number($("compare-layer").value);
+      const topK = Math.max(0, Math.floor(numberIn("attn-top-k", 0)));
+      const attention = { layers: [layer], head_reduction: "mean", include_prompt: true, dtype: "float16" };
+      if (topK > 0) attention.top_k = topK;
+      const text = $("prompt").value;
+      if (!text.trim()) throw new Error("type a prompt first");
+      const prompt = await (await api("/tokenize", promptInput(state.mode, text), undefined)).json();
+      // Both at once: the server batches them together, and batching never changes a run's tokens.
+      const [a, b] = await Promise.all([greedyRun({ attention }), greedyRun({ attention, ...extra })]);
+      const runs = [a, b].map((run) => {
+        const rows = [];
+        let bytes = 0;
+        for (const r of run.choice.attention || []) {
+          const decoded = decodeRow(r);
+          rows[r.position] = decoded.row;
+          bytes += decoded.bytes;
+        }
+        const texts = [...prompt.tokens, ...run.tokens.map((t) => t.text)];
+        return { ...run, rows, bytes, texts };
+      });
+      const divergence = firstDivergence(a.tokens, b.tokens);
+      state.compare = { layer, what, runs, divergence, promptLen: prompt.count, hover: [null, null] };
+      renderCompare();
+      section.dataset.divergence = divergence === null ? "none" : String(divergence);
+      $("compare-status").textContent = "";
+      section.dataset.state = "done";
+    } catch (e) {
+      $("compare-status").textContent = e.message;
+      section.dataset.state = "error";
+    } finally {
+      $("compare-run").disabled = false;
+    }
+  }
+
+  function renderCompare() {
+    const c = state.compare;
+    if (!c) return;
+    const [a, b] = c.runs;
+    const d = c.divergence;
+    const tok = (run, i) => (run.tokens[i] ? JSON.stringify(run.tokens[i].text) : "(ended)");
+    $("compare-summary").textContent = d === null
+      ? `identical: both runs gave the same ${a.tokens.length} tokens (B: ${c.what})`
+      : `the runs part at generated token ${d} (position ${c.promptLen + d}): A ${tok(a, d)} vs B ${tok(b, d)} · ` +
+        `B: ${c.what}`;
+    $("compare-summary").classList.toggle("parted", d !== null);
+    document.querySelector("#run-b .run-what").textContent = c.what;
+    let vmax = 0;
+    const matrices = c.runs.map((run) => {
+      let n = 0;
+      while (run.rows[n]) n++;
+      const m = matrixOf(run.rows, n, 0);
+      vmax = Math.max(vmax, m.vmax);
+      return m;
+    });
+    c.runs.forEach((run, r) => {
+      const figure = $(r === 0 ? "run-a" : "run-b");
+      const box = figure.querySelector(".run-tokens");
+      const spans = run.texts.map((text, i) => {
+        const span = document.createElement("span");
+        const g = i - c.promptLen; // generated index, negative in the prompt
+        span.className = `tok ${g < 0 ? "prompt" : "gen"}${isSpecial(text) ? " special" : ""}`;
+        if (g >= 0) span.dataset.gen = g;
+        if (d !== null && g >= d) span.classList.add("diverged");
+        if (d !== null && g === d) {
+          span.classList.add("divergence");
+          span.setAttribute("aria-label", `${text}: the first token where the runs differ`);
+        }
+        span.textContent = isSpecial(text) ? text : text.replace(/\n/g, "↵\n");
+        span.title = `#${i} ${JSON.stringify(text)}${g >= 0 ? ` (generated ${g})` : ""}`;
+        span.tabIndex = 0;
+        const focus = () => { c.hover[r] = i; shadeRun(r); };
+        span.addEventListener("mouseenter", focus);
+        span.addEventListener("focus", focus);
+        return span;
+      });
+      box.replaceChildren(...spans);
+      box.dataset.tokens = run.tokens.length;
+      if (d !== null && d >= run.tokens.length) {
+        const end = document.createElement("span");
+        end.className = "tok divergence ended";
+        end.textContent = "⏹ ended";
+        box.appendChild(end);
+      }
+      const m = matrices[r];
+      const canvas = figure.querySelector(".run-map");
+      const cell = m.n ? Math.max(1, Math.min(8, Math.floor(360 / m.n))) : 1;
+      paint(canvas, { ...m, vmax }, cell);
+      Object.assign(canvas.dataset, { rows: m.n, cell, layer: c.layer });
+      if (d !== null && c.promptLen + d < m.n) { // the row of the first token that differs
+        const ctx = canvas.getContext("2d");
+        ctx.fillStyle = "#c92a2a";
+        ctx.fillRect(0, (c.promptLen + d) * cell, canvas.width, 1);
+      }
+      figure.querySelector(".run-cell").textContent =
+        `layer ${c.layer}, mean of heads, ${run.bytes.toLocaleString()} bytes · hover a token for its row`;
+    });
+  }
+
+  function shadeRun(r) {
+    const c = state.compare;
+    const run = c.runs[r];
+    const figure = $(r === 0 ? "run-a" : "run-b");
+    const spans = figure.querySelector(".run-tokens").children;
+    const q = c.hover[r];
+    const row = q === null ? null : run.rows[q];
+    shadeSpans(spans, row ? rowView(row, 0) : null);
+    for (let i = 0; i < spans.length; i++) spans[i].classList.toggle("focus", i === q);
+    figure.querySelector(".run-cell").textContent = row
+      ? `query ${q} ${JSON.stringify(run.texts[q])} reads (layer ${c.layer}, mean of heads)`
+      : `query ${q} ${q === null ? "" : JSON.stringify(run.texts[q])}: the last token has no row`;
+  }
+
   // ------------------------------------------------------------------ controls
   function fillSelectors() {
     const m = state.model;
@@ -525,6 +918,11 @@
     for (let h = 0; h < m.num_heads; h++) heads.push(new Option(`head ${h}`, String(h)));
     $("head").replaceChildren(...heads);
     $("head").value = String(state.head);
+    for (const id of ["steer-layer", "compare-layer"]) {
+      $(id).replaceChildren(...Array.from({ length: m.num_layers }, (_, i) => new Option(String(i), String(i))));
+    }
+    $("steer-layer").value = String(Math.floor(m.num_layers / 2));
+    $("compare-layer").value = String(m.num_layers - 1);
   }
 
   function selectHead(head) {
@@ -542,9 +940,10 @@
     if (!(q >= 0 && q < n && k >= 0 && k < n)) return;
     const row = state.layers.get(state.layer)[q];
     const label = (i) => JSON.stringify(state.tokens[i] ? state.tokens[i].text : "?");
+    const v = k > q ? 0 : cellValue(row, k, state.head);
     $("cell").textContent = k > q ? `query ${q} ${label(q)} cannot see key ${k} (later token)`
-      : `query ${q} ${label(q)} → key ${k} ${label(k)}: ${cellValue(row, k, state.head).toFixed(4)}` +
-        ` (layer ${state.layer}, head ${state.head})`;
+      : `query ${q} ${label(q)} → key ${k} ${label(k)}: ` +
+        `${Number.isNaN(v) ? "not among the row's top-k" : v.toFixed(4)} (layer ${state.layer}, head ${state.head})`;
     if (pin) state.pinned = state.pinned === q ? null : q;
     else state.hover = q;
     scheduleRender();
@@ -577,6 +976,11 @@
     $("heatmap").addEventListener("mousemove", (e) => onHeatmapPointer(e, false));
     $("heatmap").addEventListener("click", (e) => onHeatmapPointer(e, true));
     $("heatmap").addEventListener("mouseleave", () => { state.hover = null; scheduleRender(); });
+    $("lens-run").addEventListener("click", runLens);
+    $("lens-grid").addEventListener("keydown", onLensKey);
+    $("lens-grid").addEventListener("mouseover", (e) => describeLensCell(e.target.closest("td.lens-cell")));
+    $("lens-grid").addEventListener("focusin", (e) => describeLensCell(e.target.closest("td.lens-cell")));
+    $("compare-run").addEventListener("click", runCompare);
   }
 
   async function init() {
