@@ -88,6 +88,8 @@ class RunnerOutput:
     logprobs: dict[str, TokenLogprobs] = field(default_factory=dict)
     attention: dict[str, list[AttentionRow]] = field(default_factory=dict)
     prompt_logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)
+    constraint_done: set[str] = field(default_factory=set)  # its constraint is complete: the request stops
+    constraint_dead: dict[str, str] = field(default_factory=dict)  # no legal token: its token is dropped, it ends
 
 
 @dataclass
