@@ -12,6 +12,7 @@ subclasses carrying the gRPC status code and the server's message.
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -127,9 +128,16 @@ def build_request(
     priority: int = 0,
     request_id: str = "",
     model: str = "",
+    json_schema: str | Mapping[str, Any] | None = None,
+    json_object: bool = False,
+    regex: str | None = None,
+    choice: Sequence[str] | None = None,
+    grammar: str | None = None,
 ) -> pb.GenerateRequest:
     """One GenerateRequest from keyword arguments. ``chat=True`` sends ``prompt`` as a user message.
-    Unset sampling fields take the server's defaults (GetServerInfo.default_sampling)."""
+    Unset sampling fields take the server's defaults (GetServerInfo.default_sampling).
+    At most one constraint: ``json_schema`` (a dict or JSON text), ``json_object``, ``regex``,
+    ``choice`` (strings) or ``grammar`` (Lark)."""
     request = pb.GenerateRequest(request_id=request_id, model=model, priority=priority)
     if chat and prompt is not None:
         messages, prompt = [("user", prompt)], None
@@ -166,6 +174,19 @@ def build_request(
         request.attention.top_k = attention_top_k
         for start, end in attention_spans:
             request.attention.spans.add(start=start, end=end)
+    constraints = dict(
+        json_schema=json_schema, json_object=json_object or None, regex=regex, choice=choice, grammar=grammar
+    )
+    given = {k: v for k, v in constraints.items() if v is not None}
+    if len(given) > 1:
+        raise ValueError(f"give at most one constraint, got {', '.join(given)}")
+    for name, value in given.items():
+        if name == "json_schema":
+            request.constraint.json_schema = value if isinstance(value, str) else json.dumps(value)
+        elif name == "choice":
+            request.constraint.choice.choices.extend(value)
+        else:
+            setattr(request.constraint, name, value)
     return request
 
 

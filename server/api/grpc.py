@@ -16,7 +16,14 @@ import grpc
 
 from attnserve.server.api.errors import ErrorKind, ServiceError
 from attnserve.server.api.serving import CompletionDelta, GenerationService, ServerInfo
-from attnserve.server.api.validation import AttentionSpec, ChatTurn, FieldError, GenerationRequest, Prompt
+from attnserve.server.api.validation import (
+    AttentionSpec,
+    ChatTurn,
+    ConstraintSpec,
+    FieldError,
+    GenerationRequest,
+    Prompt,
+)
 from attnserve.server.engine.outputs import Timings, Usage
 from attnserve.server.engine.records import AttentionRow, TokenLogprobs
 from attnserve.server.engine.request import FinishReason, WeightsDtype
@@ -33,7 +40,11 @@ STATUS = {
     ErrorKind.DEADLINE_EXCEEDED: grpc.StatusCode.DEADLINE_EXCEEDED,
     ErrorKind.INTERNAL: grpc.StatusCode.INTERNAL,
 }
-_FINISH = {FinishReason.STOP: pb.FINISH_REASON_STOP, FinishReason.LENGTH: pb.FINISH_REASON_LENGTH}
+_FINISH = {
+    FinishReason.STOP: pb.FINISH_REASON_STOP,
+    FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
+    FinishReason.CONSTRAINT: pb.FINISH_REASON_CONSTRAINT,
+}
 _REDUCTION = {pb.HEAD_REDUCTION_NONE: "none", pb.HEAD_REDUCTION_MEAN: "mean", pb.HEAD_REDUCTION_MAX: "max"}
 _DTYPE_IN = {pb.WEIGHTS_DTYPE_FLOAT16: "float16", pb.WEIGHTS_DTYPE_FLOAT32: "float32"}
 _DTYPE_OUT = {WeightsDtype.FLOAT16: pb.WEIGHTS_DTYPE_FLOAT16, WeightsDtype.FLOAT32: pb.WEIGHTS_DTYPE_FLOAT32}
@@ -98,7 +109,23 @@ def generation_request(request: pb.GenerateRequest) -> GenerationRequest:
         attention=attention,
         n=opt(request, "n"),  # type: ignore[arg-type]
         priority=request.priority,
+        constraint=_constraint(request),
     )
+
+
+def _constraint(request: pb.GenerateRequest) -> ConstraintSpec | None:
+    if not request.HasField("constraint"):
+        return None
+    c = request.constraint
+    kind = c.WhichOneof("kind")
+    if kind is None:  # sent but empty: refused by validation, never silently unconstrained
+        return ConstraintSpec("unset", field="constraint")
+    name = f"constraint.{kind}"
+    if kind == "choice":
+        return ConstraintSpec("choice", choices=tuple(c.choice.choices), field=name)
+    if kind == "json_object":
+        return ConstraintSpec("json_object" if c.json_object else "unset", field=name)
+    return ConstraintSpec(kind, getattr(c, kind), field=name)
 
 
 def _turns(messages: Sequence[pb.ChatMessage]) -> tuple[ChatTurn, ...]:

@@ -9,11 +9,12 @@ Known OpenAI features this server does not implement are refused (400), never ig
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+import json
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from attnserve.server.api.validation import AttentionSpec, ChatTurn, FieldError, GenerationRequest
+from attnserve.server.api.validation import AttentionSpec, ChatTurn, ConstraintSpec, FieldError, GenerationRequest
 
 # Integer fields hold exactly what their gRPC twins can (proto types in generate.proto): a value
 # outside is a 400 naming the field here, as it is an INVALID_ARGUMENT there.
@@ -31,6 +32,18 @@ class AttentionBody(BaseModel):
     dtype: Literal["float16", "float32"] | None = None
     top_k: UInt32 = 0
     spans: list[tuple[UInt32, UInt32]] = []  # [[start, end), ...]: each row's sum over each span
+
+
+class JsonSchemaFormat(BaseModel):
+    name: str = "response"
+    description: str | None = None
+    schema_: dict[str, Any] | bool | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
 
 
 class StreamOptions(BaseModel):
@@ -79,6 +92,37 @@ class _Common(BaseModel):
     priority: Int32 = 0
     attention: AttentionBody | None = None
     return_token_ids: bool = False  # vLLM's name: each choice (and chunk) also carries its token_ids
+    # Structured output: OpenAI's response_format, and vLLM's guided_* extra fields (at most one in all).
+    response_format: ResponseFormat | None = None
+    guided_json: dict[str, Any] | bool | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+
+    def constraint(self) -> ConstraintSpec | list[FieldError] | None:
+        """The one constraint asked for (None: none); errors if several are."""
+        found: list[ConstraintSpec] = []
+        rf = self.response_format
+        if rf is not None and rf.type == "json_object":
+            found.append(ConstraintSpec("json_object", field="response_format"))
+        elif rf is not None and rf.type == "json_schema":
+            if rf.json_schema is None or rf.json_schema.schema_ is None:
+                return [FieldError("response_format.json_schema.schema", None, "is required with type json_schema")]
+            # strict or not, the schema is enforced: a constrained sampler cannot produce anything else.
+            found.append(ConstraintSpec("json_schema", json.dumps(rf.json_schema.schema_), field="response_format"))
+        if self.guided_json is not None:
+            value = self.guided_json if isinstance(self.guided_json, str) else json.dumps(self.guided_json)
+            found.append(ConstraintSpec("json_schema", value, field="guided_json"))
+        if self.guided_regex is not None:
+            found.append(ConstraintSpec("regex", self.guided_regex, field="guided_regex"))
+        if self.guided_choice is not None:
+            found.append(ConstraintSpec("choice", choices=tuple(self.guided_choice), field="guided_choice"))
+        if self.guided_grammar is not None:
+            found.append(ConstraintSpec("grammar", self.guided_grammar, field="guided_grammar"))
+        if len(found) > 1:
+            names = ", ".join(c.field for c in found)
+            return [FieldError(found[1].field, "...", f"give one constraint, not several ({names})")]
+        return found[0] if found else None
 
     def unsupported(self) -> list[FieldError]:
         """OpenAI features asked for that this server does not implement, and options that make no sense."""
@@ -90,14 +134,19 @@ class _Common(BaseModel):
                 errors.append(FieldError(name, getattr(self, name), "is not supported (use repetition_penalty)"))
         if self.logit_bias:
             errors.append(FieldError("logit_bias", "...", "is not supported"))
-        for name in ("tools", "functions", "response_format", "suffix"):
+        for name in ("tools", "functions", "suffix"):
             if (self.model_extra or {}).get(name) not in (None, [], {}, {"type": "text"}):
                 errors.append(FieldError(name, "...", "is not supported by this server"))
+        constraint = self.constraint()
+        if isinstance(constraint, list):
+            errors.extend(constraint)
         return errors
 
     def common(self, max_tokens: int | None, logprobs: int | None) -> GenerationRequest:
         a = self.attention
+        constraint = self.constraint()
         return GenerationRequest(
+            constraint=constraint if isinstance(constraint, ConstraintSpec) else None,
             model=self.model or "",
             temperature=self.temperature,
             top_k=self.top_k,

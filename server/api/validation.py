@@ -22,7 +22,14 @@ from dataclasses import dataclass, field, fields, replace
 
 from attnserve.server.api.attention_budget import AttentionShape, how_to_shrink
 from attnserve.server.engine.records import EngineInfo
-from attnserve.server.engine.request import AttentionOptions, HeadReduction, SamplingParams, WeightsDtype
+from attnserve.server.engine.request import (
+    AttentionOptions,
+    Constraint,
+    ConstraintKind,
+    HeadReduction,
+    SamplingParams,
+    WeightsDtype,
+)
 
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 HEAD_REDUCTIONS = {"none": HeadReduction.NONE, "mean": HeadReduction.MEAN, "max": HeadReduction.MAX}
@@ -48,6 +55,7 @@ class RequestLimits:
     attention_memory_budget: int = 512 << 20  # all requests together (AttentionBudget)
     max_request_bytes: int = 4 << 20  # one request message
     max_response_bytes: int = 64 << 20  # one response message (the gRPC send limit)
+    max_constraint_compile_s: float = 5.0  # compiling one constraint (schema, regex, grammar)
 
     def __post_init__(self) -> None:
         for name in (
@@ -63,6 +71,8 @@ class RequestLimits:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.max_constraint_compile_s > 0:
+            raise ValueError(f"max_constraint_compile_s must be > 0, got {self.max_constraint_compile_s}")
         if self.max_logprobs < 0:
             raise ValueError(f"max_logprobs must be >= 0, got {self.max_logprobs}")
 
@@ -112,6 +122,22 @@ class AttentionSpec:
     spans: Sequence[tuple[int, int]] = ()  # [start, end) key ranges: each row's sum over each
 
 
+CONSTRAINT_KINDS = {kind.value: kind for kind in ConstraintKind}
+MAX_CONSTRAINT_CHARS = 256 << 10  # a schema, regex or grammar (the engine compiles within its own bounds too)
+MAX_CHOICES = 4096
+
+
+@dataclass(frozen=True)
+class ConstraintSpec:
+    """A constraint as sent. ``field`` is where the door found it (its own wire name), so that a
+    compile error names what the client wrote: ``constraint.regex``, ``response_format``, ``guided_json``."""
+
+    kind: str  # json_schema, json_object, regex, choice, grammar
+    value: str = ""
+    choices: Sequence[str] = ()
+    field: str = "constraint"
+
+
 @dataclass
 class GenerationRequest:
     """A generation request as a door received it, before any check. ``None`` means "not sent"."""
@@ -136,6 +162,7 @@ class GenerationRequest:
     attention: AttentionSpec | None = None
     n: int | None = None
     priority: int = 0
+    constraint: ConstraintSpec | None = None
     # Who sent it, as the door knows the sender (the gRPC door: its connection): only the
     # same caller may Abort it. Not a field of any wire message.
     caller: str = ""
@@ -508,6 +535,44 @@ def _check_attention(r: GenerationRequest, rules: ServingRules, e: _Errors) -> N
         )
 
 
+def _check_constraint(r: GenerationRequest, rules: ServingRules, e: _Errors) -> None:
+    """Cheap shape checks; compiling (and its bounds) happens later, off the event loop."""
+    c = r.constraint
+    if c is None:
+        return
+    e.check(
+        c.kind in CONSTRAINT_KINDS,
+        c.field,
+        c.kind,
+        f"unknown constraint {c.kind!r} (use {', '.join(CONSTRAINT_KINDS)})",
+    )
+    e.check(
+        len(c.value) <= MAX_CONSTRAINT_CHARS,
+        c.field,
+        len(c.value),
+        f"{len(c.value):,} characters; the limit is {MAX_CONSTRAINT_CHARS:,}",
+    )
+    if c.kind in ("json_schema", "regex", "grammar"):
+        e.check(bool(c.value.strip()), c.field, "", f"the {c.kind.replace('_', ' ')} is empty")
+    if c.kind == "choice":
+        e.check(
+            1 <= len(c.choices) <= MAX_CHOICES,
+            c.field,
+            len(c.choices),
+            f"{len(c.choices)} choices; give 1 to {MAX_CHOICES}",
+        )
+        e.check(all(c.choices), c.field, "", "a choice is empty")
+        total = sum(len(choice) for choice in c.choices[: MAX_CHOICES + 1])
+        e.check(
+            total <= MAX_CONSTRAINT_CHARS,
+            c.field,
+            total,
+            f"{total:,} characters; the limit is {MAX_CONSTRAINT_CHARS:,}",
+        )
+    if (error := unicode_error(c.field, c.value)) is not None:
+        e.items.append(error)
+
+
 _CHECKS: tuple[Check, ...] = (
     _check_identity,
     _check_input,
@@ -515,6 +580,7 @@ _CHECKS: tuple[Check, ...] = (
     _check_stopping,
     _check_logprobs,
     _check_attention,
+    _check_constraint,
 )
 
 
@@ -552,4 +618,7 @@ def _params(r: GenerationRequest, rules: ServingRules) -> SamplingParams:
         logprobs=r.logprobs,
         prompt_logprobs=r.prompt_logprobs,
         attention=attention,
+        constraint=None
+        if r.constraint is None
+        else Constraint(CONSTRAINT_KINDS[r.constraint.kind], r.constraint.value, tuple(r.constraint.choices)),
     )

@@ -30,6 +30,7 @@ import llguidance
 import torch
 
 from attnserve.model.tokenizer import Tokenizer
+from attnserve.server.engine.errors import ConstraintError
 from attnserve.server.engine.request import Constraint, ConstraintKind
 
 # Bounds on what one request may ask for (checked before llguidance sees it).
@@ -45,10 +46,6 @@ PARSER_LIMITS = {
 }
 # Compact JSON: flexible whitespace lets a model pad forever, and a byte saved is a token saved.
 _JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
-
-
-class ConstraintError(ValueError):
-    """The constraint cannot be compiled: the message says why."""
 
 
 def ll_tokenizer(tokenizer: Tokenizer, vocab_size: int) -> llguidance.LLTokenizer:
@@ -140,6 +137,12 @@ def grammar_text(constraint: Constraint) -> str:
     raise ConstraintError(f"unknown constraint kind {kind}")
 
 
+def _one_line(message: str, limit: int = 600) -> str:
+    """llguidance's multi-line diagnostics (source excerpt, caret) as one line for a status message."""
+    text = " ".join(part.strip() for part in message.splitlines() if part.strip() and set(part.strip()) != {"^"})
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 class GrammarCompiler:
     """Constraint -> validated grammar text, cached. Thread-safe; call it off the event loop."""
 
@@ -176,13 +179,13 @@ class GrammarCompiler:
         tokenizer = self.ll_tokenizer
         error = llguidance.LLMatcher.validate_grammar(grammar, tokenizer, limits=_limits())
         if error:
-            raise ConstraintError(error)
+            raise ConstraintError(_one_line(error))
         # Build a matcher and its first mask: a lexer that blows up does so here, within its fuel.
         matcher = llguidance.LLMatcher(tokenizer, grammar, log_level=0, limits=_limits())
         mask = torch.zeros((1, (self.vocab_size + 31) // 32), dtype=torch.int32)
         matcher.unsafe_compute_mask_ptr(mask.data_ptr(), mask.numel() * 4)
         if matcher.is_error():
-            raise ConstraintError(matcher.get_error())
+            raise ConstraintError(_one_line(matcher.get_error()))
         if not bool(mask.any()):
             raise ConstraintError("no output can satisfy it (no token is allowed at the start)")
         with self._lock:
