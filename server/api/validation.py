@@ -540,12 +540,9 @@ def _check_constraint(r: GenerationRequest, rules: ServingRules, e: _Errors) -> 
     c = r.constraint
     if c is None:
         return
-    e.check(
-        c.kind in CONSTRAINT_KINDS,
-        c.field,
-        c.kind,
-        f"unknown constraint {c.kind!r} (use {', '.join(CONSTRAINT_KINDS)})",
-    )
+    if c.kind not in CONSTRAINT_KINDS:
+        e.check(False, c.field, c.kind, f"set one kind of constraint: {', '.join(CONSTRAINT_KINDS)}")
+        return
     e.check(
         len(c.value) <= MAX_CONSTRAINT_CHARS,
         c.field,
