@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from attnserve.server.api.tools import ToolSpec
 from attnserve.server.api.validation import AttentionSpec, ChatTurn, ConstraintSpec, FieldError, GenerationRequest
 
 # Integer fields hold exactly what their gRPC twins can (proto types in generate.proto): a value
@@ -55,10 +56,49 @@ class TextPart(BaseModel):
     text: str
 
 
+class FunctionCallBody(BaseModel):
+    name: str
+    arguments: str = "{}"  # JSON text, as OpenAI sends it
+
+
+class ToolCallBody(BaseModel):
+    id: str = ""
+    type: Literal["function"] = "function"
+    function: FunctionCallBody
+
+
+class FunctionBody(BaseModel):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None  # enforced either way when a call is forced
+
+
+class ToolBody(BaseModel):
+    type: Literal["function"]
+    function: FunctionBody
+
+
+class NamedFunction(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class ChatMessageBody(BaseModel):
     role: str
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallBody] | None = None  # an assistant turn's calls, sent back in the conversation
+    tool_call_id: str | None = None  # a tool turn: the call whose result it carries
+
+    def turn(self) -> ChatTurn:
+        calls = json.dumps([c.model_dump() for c in self.tool_calls]) if self.tool_calls else ""
+        role = "system" if self.role == "developer" else self.role
+        return ChatTurn(role, self.text(), tool_calls_json=calls, tool_call_id=self.tool_call_id or "")
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -202,6 +242,9 @@ class ChatBody(_Common):
     max_completion_tokens: UInt32 | None = None
     logprobs: bool = False
     top_logprobs: UInt32 | None = None
+    tools: list[ToolBody] | None = None
+    tool_choice: Literal["auto", "none", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
 
     def to_request(self) -> GenerationRequest | list[FieldError]:
         errors = self.unsupported()
@@ -211,5 +254,16 @@ class ChatBody(_Common):
             return errors
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         request = self.common(max_tokens, (self.top_logprobs or 0) if self.logprobs else None)
-        request.messages = [ChatTurn("system" if m.role == "developer" else m.role, m.text()) for m in self.messages]
+        request.messages = [m.turn() for m in self.messages]
+        request.tools = [
+            ToolSpec(
+                t.function.name, t.function.description or "", json.dumps(t.function.parameters or {"type": "object"})
+            )
+            for t in self.tools or ()
+        ]
+        if isinstance(self.tool_choice, NamedToolChoice):
+            request.tool_choice, request.tool_choice_name = "function", self.tool_choice.function.name
+        elif self.tool_choice is not None:
+            request.tool_choice = self.tool_choice
+        request.parallel_tool_calls = self.parallel_tool_calls is not False
         return request

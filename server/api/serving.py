@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 from attnserve.server.api.attention_budget import AttentionBudget
 from attnserve.server.api.errors import ErrorKind, ServiceError, not_ready, service_error
 from attnserve.server.api.prompts import prompt_token_ids
+from attnserve.server.api.tools import template_format
 from attnserve.server.api.validation import (
     CheckedRequest,
     FieldError,
@@ -97,7 +98,8 @@ class GenerationService:
     def attach(self, engine: Engine) -> None:
         info = engine.info()
         defaults = SamplingDefaults().overridden(info.generation_defaults).overridden(self._default_overrides)
-        self._rules = ServingRules(info, self.limits, defaults)
+        tool_format = template_format(engine.tokenizer.chat_template)
+        self._rules = ServingRules(info, self.limits, defaults, tool_format=tool_format)
         self._engine = engine
         log.info("sampling defaults: %s", defaults)
 
@@ -194,8 +196,9 @@ class GenerationService:
         """The constraint compiled (or found in the cache) on a worker thread, within a time bound:
         a hostile schema costs its sender a 400, never the event loop or the engine a stall."""
         constraint = checked.params.constraint
-        assert constraint is not None and request.constraint is not None
-        name, limit = request.constraint.field, self.limits.max_constraint_compile_s
+        assert constraint is not None
+        name = request.constraint.field if request.constraint is not None else "tools"  # or a forced tool call's
+        limit = self.limits.max_constraint_compile_s
         loop = asyncio.get_running_loop()
         job = loop.run_in_executor(self._compilers, self.engine.grammars.compile, constraint)
         try:

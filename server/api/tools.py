@@ -29,11 +29,9 @@ _COMPACT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator
 
 # What a template without tools of its own is given: the Hermes convention, as a system turn.
 _HERMES_SYSTEM = (
-    "You are a function calling AI model. You are provided with function signatures within <tools></tools> "
-    "XML tags. You may call one or more functions to assist with the user query. Don't make assumptions about "
-    "what values to plug into functions. Here are the available tools: <tools>\n{tools}\n</tools>\n"
-    "For each function call return a json object with function name and arguments within <tool_call></tool_call> "
-    'XML tags as follows:\n<tool_call>\n{{"name": <function-name>, "arguments": <args-json-object>}}\n</tool_call>'
+    "You may call functions. Their signatures:\n<tools>\n{tools}\n</tools>\n"
+    "To call one, answer with one block per call:\n"
+    '<tool_call>\n{{"name": <function-name>, "arguments": <args-json-object>}}\n</tool_call>'
 )
 
 
@@ -134,13 +132,14 @@ def forcing_grammar(tools: Sequence[ToolSpec], fmt: str, *, name: str | None, pa
     schema: dict[str, Any] = options[0] if len(options) == 1 else {"anyOf": options}
     schema = {"x-guidance": _COMPACT, **schema}
     more = parallel and name is None
-    rest = f"{{0,{MAX_PARALLEL_CALLS - 1}}}" if more else "{0,0}"
     obj = f"obj: %json {json.dumps(schema)}"
     if fmt == MISTRAL:
-        return f'start: "[TOOL_CALLS][" obj (", " obj){rest} "]"\n{obj}'
+        rest = f'(", " obj){{0,{MAX_PARALLEL_CALLS - 1}}}' if more else ""
+        return f'start: "[TOOL_CALLS][" obj {rest} "]"\n{obj}'
     if fmt == LLAMA3:
         return f"start: obj\n{obj}"  # Llama 3 makes one call per turn
-    return f'start: call ("\\n" call){rest}\ncall: "<tool_call>\\n" obj "\\n</tool_call>"\n{obj}'
+    rest = f'("\\n" call){{0,{MAX_PARALLEL_CALLS - 1}}}' if more else ""
+    return f'start: call {rest}\ncall: "<tool_call>\\n" obj "\\n</tool_call>"\n{obj}'
 
 
 # ------------------------------------------------------------------ parsing

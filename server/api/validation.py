@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 
 from attnserve.server.api.attention_budget import AttentionShape, how_to_shrink
+from attnserve.server.api.tools import HERMES, ToolSpec, forcing_grammar
 from attnserve.server.engine.records import EngineInfo
 from attnserve.server.engine.request import (
     AttentionOptions,
@@ -102,12 +103,16 @@ class ServingRules:
     facts: EngineInfo
     limits: RequestLimits = field(default_factory=RequestLimits)
     defaults: SamplingDefaults = field(default_factory=SamplingDefaults)
+    tool_format: str = HERMES  # how the model's chat template writes tool calls (server/api/tools.py)
 
 
 @dataclass(frozen=True)
 class ChatTurn:
     role: str
     content: str
+    # An assistant turn's earlier tool calls: OpenAI's tool_calls, as JSON text (a list).
+    tool_calls_json: str = ""
+    tool_call_id: str = ""  # a tool turn: the call it answers
 
 
 @dataclass(frozen=True)
@@ -163,6 +168,12 @@ class GenerationRequest:
     n: int | None = None
     priority: int = 0
     constraint: ConstraintSpec | None = None
+    # Tool calling (messages only): the functions, and "auto", "none", "required" or "function"
+    # (then tool_choice_name names it).
+    tools: Sequence[ToolSpec] = ()
+    tool_choice: str = "auto"
+    tool_choice_name: str | None = None
+    parallel_tool_calls: bool = True
     # Who sent it, as the door knows the sender (the gRPC door: its connection): only the
     # same caller may Abort it. Not a field of any wire message.
     caller: str = ""
@@ -194,6 +205,7 @@ class Prompt:
     text: str | None = None
     messages: tuple[ChatTurn, ...] = ()
     token_ids: tuple[int, ...] = ()
+    tools: tuple[ToolSpec, ...] = ()  # rendered by the chat template (or a system turn where it has none)
 
 
 @dataclass(frozen=True)
@@ -206,6 +218,7 @@ class CheckedRequest:
     max_tokens_sent: bool
     n: int
     priority: int
+    parses_tool_calls: bool = False  # the door looks for tool calls in the output
 
 
 @dataclass
@@ -232,6 +245,7 @@ def validate(request: GenerationRequest, rules: ServingRules) -> CheckedRequest 
         max_tokens_sent=request.max_tokens is not None,
         n=request.n or 1,
         priority=request.priority,
+        parses_tool_calls=bool(request.tools) and request.tool_choice != "none",
     )
 
 
@@ -570,6 +584,51 @@ def _check_constraint(r: GenerationRequest, rules: ServingRules, e: _Errors) -> 
         e.items.append(error)
 
 
+TOOL_CHOICES = ("auto", "none", "required", "function")
+MAX_TOOLS = 128
+_TOOL_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+def _check_tools(r: GenerationRequest, rules: ServingRules, e: _Errors) -> None:
+    e.check(r.tool_choice in TOOL_CHOICES, "tool_choice", r.tool_choice, f"use one of {', '.join(TOOL_CHOICES)}")
+    if not r.tools:
+        e.check(
+            r.tool_choice in ("auto", "none"), "tool_choice", r.tool_choice, "a tool choice needs tools to choose from"
+        )
+        return
+    e.check(r.messages is not None, "tools", len(r.tools), "tools need messages (the chat template renders them)")
+    e.check(len(r.tools) <= MAX_TOOLS, "tools", len(r.tools), f"{len(r.tools)} tools; the limit is {MAX_TOOLS}")
+    names = [t.name for t in r.tools]
+    for i, tool in enumerate(r.tools[:MAX_TOOLS]):
+        e.check(
+            _TOOL_NAME.fullmatch(tool.name) is not None,
+            f"tools[{i}].function.name",
+            tool.name[:80],
+            "must be 1 to 64 characters of a-z, A-Z, 0-9, _, . and -",
+        )
+        e.check(names.count(tool.name) == 1, f"tools[{i}].function.name", tool.name[:80], "is given twice")
+        e.check(
+            len(tool.parameters_json) <= MAX_CONSTRAINT_CHARS,
+            f"tools[{i}].function.parameters",
+            len(tool.parameters_json),
+            f"{len(tool.parameters_json):,} characters; the limit is {MAX_CONSTRAINT_CHARS:,}",
+        )
+    if r.tool_choice == "function":
+        e.check(
+            r.tool_choice_name in names,
+            "tool_choice",
+            r.tool_choice_name,
+            f"names no function in tools ({', '.join(names[:8])})",
+        )
+    if r.tool_choice in ("required", "function"):
+        e.check(
+            r.constraint is None,
+            "tool_choice",
+            r.tool_choice,
+            f"a forced tool call is its own constraint: drop {r.constraint.field if r.constraint else ''}",
+        )
+
+
 _CHECKS: tuple[Check, ...] = (
     _check_identity,
     _check_input,
@@ -577,6 +636,7 @@ _CHECKS: tuple[Check, ...] = (
     _check_stopping,
     _check_logprobs,
     _check_attention,
+    _check_tools,
     _check_constraint,
 )
 
@@ -586,7 +646,7 @@ def _prompt_of(r: GenerationRequest) -> Prompt:
     if r.prompt is not None:
         return Prompt("prompt", text=r.prompt)
     if r.messages is not None:
-        return Prompt("messages", messages=tuple(r.messages))
+        return Prompt("messages", messages=tuple(r.messages), tools=tuple(r.tools) if r.tool_choice != "none" else ())
     return Prompt("token_ids", token_ids=tuple(r.token_ids or ()))
 
 
@@ -615,7 +675,16 @@ def _params(r: GenerationRequest, rules: ServingRules) -> SamplingParams:
         logprobs=r.logprobs,
         prompt_logprobs=r.prompt_logprobs,
         attention=attention,
-        constraint=None
-        if r.constraint is None
-        else Constraint(CONSTRAINT_KINDS[r.constraint.kind], r.constraint.value, tuple(r.constraint.choices)),
+        constraint=_constraint(r, rules),
     )
+
+
+def _constraint(r: GenerationRequest, rules: ServingRules) -> Constraint | None:
+    """The request's constraint: its own, or the grammar that forces a tool call (required / named)."""
+    if r.tools and r.tool_choice in ("required", "function"):
+        name = r.tool_choice_name if r.tool_choice == "function" else None
+        grammar = forcing_grammar(r.tools, rules.tool_format, name=name, parallel=r.parallel_tool_calls)
+        return Constraint(ConstraintKind.GRAMMAR, grammar)
+    if r.constraint is None:
+        return None
+    return Constraint(CONSTRAINT_KINDS[r.constraint.kind], r.constraint.value, tuple(r.constraint.choices))
