@@ -12,10 +12,12 @@ import jsonschema
 import openai
 import pytest
 
+from attnserve.client import Client
 from attnserve.model.tokenizer import CHATML_TEMPLATE, Tokenizer
 from attnserve.server.api.prompts import render_chat
 from attnserve.server.api.tools import HERMES, LLAMA3, MISTRAL, ToolCallParser, ToolSpec, parse_whole
 from attnserve.server.api.validation import ChatTurn, Prompt
+from attnserve.v1 import generate_pb2 as pb
 from tests.server.server_process import ServerProcess
 
 WEATHER: dict[str, Any] = {
@@ -250,3 +252,37 @@ def test_parser_stream_equals_whole(fmt: str, text: str) -> None:
     assert list(args.values()) == [c.arguments for c in calls]
     for call in calls:
         json.loads(call.arguments)
+
+
+# ------------------------------------------------------------------- gRPC
+@pytest.mark.slow
+def test_grpc_named_and_required_tool_calls_unary_and_streamed(server: ServerProcess) -> None:
+    with Client(server.target, timeout=60) as client:
+        for choice, names in (("get_weather", {"get_weather"}), ("required", {"get_weather", "get_time"})):
+            ask: dict[str, Any] = dict(messages=ASK, tools=TOOLS, tool_choice=choice, max_tokens=200)
+            reply = client.generate(parallel_tool_calls=False, **ask)
+            (completion,) = reply.completions
+            assert completion.finish_reason == pb.FINISH_REASON_TOOL_CALLS
+            assert len(completion.tool_calls) == 1
+            call = completion.tool_calls[0]
+            assert call.name in names and call.id.startswith("call_")
+            jsonschema.validate(json.loads(call.arguments), SCHEMAS[call.name])
+            streamed: dict[int, list[str]] = {}
+            finish = None
+            for message in client.generate_stream(parallel_tool_calls=False, **ask):
+                for piece in message.tool_calls:
+                    entry = streamed.setdefault(piece.index, ["", ""])
+                    entry[0] = piece.name or entry[0]
+                    entry[1] += piece.arguments
+                finish = message.finish_reason or finish
+            assert finish == pb.FINISH_REASON_TOOL_CALLS
+            assert [tuple(v) for v in streamed.values()] == [(c.name, c.arguments) for c in completion.tool_calls]
+        # The call and its result go back; tool_choice none answers in text.
+        conversation = [
+            *ASK,
+            {"role": "assistant", "content": "", "tool_calls": list(completion.tool_calls)},
+            {"role": "tool", "tool_call_id": call.id, "content": "21 C"},
+        ]
+        reply = client.generate(messages=conversation, tools=TOOLS, tool_choice="none", max_tokens=8)
+        assert not reply.completions[0].tool_calls
+        assert reply.completions[0].finish_reason in (pb.FINISH_REASON_STOP, pb.FINISH_REASON_LENGTH)
