@@ -55,6 +55,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--output-len", type=int, default=48)
+    parser.add_argument("--rounds", type=int, default=2, help="the three runs, repeated (interleaved: load drifts)")
     args = parser.parse_args()
     model = args.model or str(default_model_path())
     config = EngineConfig(
@@ -76,7 +77,7 @@ def main() -> None:
         plain = SamplingParams(max_tokens=args.output_len, ignore_eos=True)
         constrained = dataclasses.replace(plain, constraint=constraint)
         run(engine, prompts[:4], [plain] * 4)  # warm-up
-        for fraction in (0.0, 0.5, 1.0):
+        for fraction in (0.0, 0.5, 1.0) * args.rounds:
             k = round(fraction * args.concurrency)
             params = [constrained] * k + [plain] * (args.concurrency - k)
             rows = engine.runner.constraints
