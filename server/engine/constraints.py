@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -27,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import llguidance
+import numpy as np
 import torch
 
 from attnserve.model.tokenizer import Tokenizer
@@ -182,8 +184,8 @@ class GrammarCompiler:
             raise ConstraintError(_one_line(error))
         # Build a matcher and its first mask: a lexer that blows up does so here, within its fuel.
         matcher = llguidance.LLMatcher(tokenizer, grammar, log_level=0, limits=_limits())
-        mask = torch.zeros((1, (self.vocab_size + 31) // 32), dtype=torch.int32)
-        matcher.unsafe_compute_mask_ptr(mask.data_ptr(), mask.numel() * 4)
+        mask = np.zeros((self.vocab_size + 31) // 32, dtype=np.int32)
+        matcher.unsafe_compute_mask_ptr(mask.ctypes.data, mask.nbytes)
         if matcher.is_error():
             raise ConstraintError(_one_line(matcher.get_error()))
         if not bool(mask.any()):
@@ -202,7 +204,7 @@ class PendingMasks:
 
     rows: list[int]  # rows of the step's sampling logits
     request_ids: list[str]
-    future: Future[tuple[torch.Tensor, list[bool]]]
+    future: Future[tuple[np.ndarray, list[bool]]]
 
 
 @dataclass
@@ -251,16 +253,16 @@ class ConstraintRows:
         future = self._pool.submit(self._fill, matchers)
         return PendingMasks([r for r, _, _ in rows], [i for _, i, _ in rows], future)
 
-    def _fill(self, matchers: list[llguidance.LLMatcher]) -> tuple[torch.Tensor, list[bool]]:
-        import time
-
+    def _fill(self, matchers: list[llguidance.LLMatcher]) -> tuple[np.ndarray, list[bool]]:
+        # numpy, not torch, on this thread: a torch op here could start another OpenMP pool, and
+        # more pool threads than cores make the engine's workers sleep between ops (see build_engine).
         started = time.perf_counter()
-        mask = torch.zeros((len(matchers), self._words), dtype=torch.int32)
+        mask = np.zeros((len(matchers), self._words), dtype=np.int32)
         alive = []
         for k, matcher in enumerate(matchers):
             row = mask[k]
             if not matcher.is_error():
-                matcher.unsafe_compute_mask_ptr(row.data_ptr(), self._words * 4)
+                matcher.unsafe_compute_mask_ptr(row.ctypes.data, row.nbytes)
             alive.append(not matcher.is_error() and bool(row.any()))
         self.mask_seconds += time.perf_counter() - started
         self.num_masks += len(matchers)
@@ -276,7 +278,7 @@ class ConstraintRows:
         if not keep:
             return logits, dead
         rows = torch.tensor([pending.rows[k] for k in keep], dtype=torch.long, device=logits.device)
-        bits = mask[keep].to(logits.device)  # (K, W)
+        bits = torch.from_numpy(mask[keep]).to(logits.device)  # (K, W)
         shifts = torch.arange(32, dtype=torch.int32, device=logits.device)
         allowed = ((bits.unsqueeze(-1) >> shifts) & 1).reshape(len(keep), -1)[:, : logits.shape[1]].bool()
         if allowed.shape[1] < logits.shape[1]:  # logits wider than the vocabulary the masks cover

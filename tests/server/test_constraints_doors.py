@@ -10,6 +10,7 @@ import re
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import jsonschema
@@ -17,6 +18,7 @@ import openai
 import pytest
 
 from attnserve.client import AttnserveError, Client
+from attnserve.client.__main__ import main as cli_main
 from attnserve.v1 import generate_pb2 as pb
 from tests.server.server_process import ServerProcess
 
@@ -210,3 +212,15 @@ def test_http_hostile_constraints_are_400_naming_the_field(server: ServerProcess
             max_tokens=5,
             extra_body={"guided_regex": "a", "guided_choice": ["b"]},
         )
+
+
+def test_cli_passes_a_constraint(server: ServerProcess, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    assert cli_main(["generate", "--target", server.target, "--regex", "[a-c]{3}-[0-9]{2}", "x"]) == 0
+    assert re.fullmatch(r"[a-c]{3}-[0-9]{2}", capsys.readouterr().out.strip())
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps(SCHEMA))
+    assert (
+        cli_main(["generate", "--target", server.target, "--json-schema", f"@{schema}", "--max-tokens", "120", "x"])
+        == 0
+    )
+    jsonschema.validate(json.loads(capsys.readouterr().out.strip()), SCHEMA)
