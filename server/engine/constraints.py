@@ -218,8 +218,8 @@ class StepVerdicts:
 class ConstraintRows:
     """Matchers of the running constrained requests, owned by the runner (engine thread).
 
-    The worker thread only computes masks; matchers are created and advanced on the engine
-    thread between steps, so a matcher is never touched by two threads at once.
+    The worker thread builds matchers and computes masks; the engine thread waits for it (apply)
+    before it advances or forgets any, so a matcher is never touched by two threads at once.
     """
 
     def __init__(self, compiler: GrammarCompiler) -> None:
@@ -241,31 +241,29 @@ class ConstraintRows:
         """Start computing the masks of these (logits row, request id, constraint) rows on the worker."""
         if not rows:
             return None
-        matchers = []
-        for _, request_id, constraint in rows:
-            matcher = self._matchers.get(request_id)
-            if matcher is None:
-                matcher = llguidance.LLMatcher(
-                    self.compiler.ll_tokenizer, constraint.grammar, log_level=0, limits=_limits()
-                )
-                self._matchers[request_id] = matcher
-            matchers.append(matcher)
-        future = self._pool.submit(self._fill, matchers)
+        jobs = [(request_id, constraint.grammar) for _, request_id, constraint in rows]
+        future = self._pool.submit(self._fill, jobs)
         return PendingMasks([r for r, _, _ in rows], [i for _, i, _ in rows], future)
 
-    def _fill(self, matchers: list[llguidance.LLMatcher]) -> tuple[np.ndarray, list[bool]]:
+    def _fill(self, jobs: list[tuple[str, str]]) -> tuple[np.ndarray, list[bool]]:
+        """On the worker: each (request id, grammar)'s matcher (built here on its first step: a large
+        grammar's construction must not hold up the forward pass) and its mask."""
         # numpy, not torch, on this thread: a torch op here could start another OpenMP pool, and
         # more pool threads than cores make the engine's workers sleep between ops (see build_engine).
         started = time.perf_counter()
-        mask = np.zeros((len(matchers), self._words), dtype=np.int32)
+        mask = np.zeros((len(jobs), self._words), dtype=np.int32)
         alive = []
-        for k, matcher in enumerate(matchers):
+        for k, (request_id, grammar) in enumerate(jobs):
+            matcher = self._matchers.get(request_id)
+            if matcher is None:
+                matcher = llguidance.LLMatcher(self.compiler.ll_tokenizer, grammar, log_level=0, limits=_limits())
+                self._matchers[request_id] = matcher
             row = mask[k]
             if not matcher.is_error():
                 matcher.unsafe_compute_mask_ptr(row.ctypes.data, row.nbytes)
             alive.append(not matcher.is_error() and bool(row.any()))
         self.mask_seconds += time.perf_counter() - started
-        self.num_masks += len(matchers)
+        self.num_masks += len(jobs)
         return mask, alive
 
     def apply(self, logits: torch.Tensor, pending: PendingMasks) -> tuple[torch.Tensor, dict[str, str]]:
