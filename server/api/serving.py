@@ -98,7 +98,7 @@ class GenerationService:
     def attach(self, engine: Engine) -> None:
         info = engine.info()
         defaults = SamplingDefaults().overridden(info.generation_defaults).overridden(self._default_overrides)
-        tool_format = template_format(engine.tokenizer.chat_template)
+        tool_format = template_format(getattr(engine.tokenizer, "chat_template", None))
         self._rules = ServingRules(info, self.limits, defaults, tool_format=tool_format)
         self._engine = engine
         log.info("sampling defaults: %s", defaults)

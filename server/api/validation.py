@@ -15,6 +15,7 @@ wire names (gRPC ``sampling.temperature``, HTTP ``temperature``) and picks the s
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -585,6 +586,15 @@ def _check_constraint(r: GenerationRequest, rules: ServingRules, e: _Errors) -> 
 
 
 TOOL_CHOICES = ("auto", "none", "required", "function")
+
+
+def _is_json_object(text: str) -> bool:
+    try:
+        return isinstance(json.loads(text), dict)
+    except (ValueError, RecursionError):
+        return False
+
+
 MAX_TOOLS = 128
 _TOOL_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
@@ -602,17 +612,24 @@ def _check_tools(r: GenerationRequest, rules: ServingRules, e: _Errors) -> None:
     for i, tool in enumerate(r.tools[:MAX_TOOLS]):
         e.check(
             _TOOL_NAME.fullmatch(tool.name) is not None,
-            f"tools[{i}].function.name",
+            f"tools[{i}].name",
             tool.name[:80],
             "must be 1 to 64 characters of a-z, A-Z, 0-9, _, . and -",
         )
-        e.check(names.count(tool.name) == 1, f"tools[{i}].function.name", tool.name[:80], "is given twice")
+        e.check(names.count(tool.name) == 1, f"tools[{i}].name", tool.name[:80], "is given twice")
         e.check(
             len(tool.parameters_json) <= MAX_CONSTRAINT_CHARS,
-            f"tools[{i}].function.parameters",
+            f"tools[{i}].parameters",
             len(tool.parameters_json),
             f"{len(tool.parameters_json):,} characters; the limit is {MAX_CONSTRAINT_CHARS:,}",
         )
+        if len(tool.parameters_json) <= MAX_CONSTRAINT_CHARS:
+            e.check(
+                _is_json_object(tool.parameters_json),
+                f"tools[{i}].parameters",
+                tool.parameters_json[:80],
+                "must be a JSON schema: a JSON object",
+            )
     if r.tool_choice == "function":
         e.check(
             r.tool_choice_name in names,

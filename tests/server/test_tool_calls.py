@@ -12,7 +12,7 @@ import jsonschema
 import openai
 import pytest
 
-from attnserve.client import Client
+from attnserve.client import AttnserveError, Client
 from attnserve.model.tokenizer import CHATML_TEMPLATE, Tokenizer
 from attnserve.server.api.prompts import render_chat
 from attnserve.server.api.tools import HERMES, LLAMA3, MISTRAL, ToolCallParser, ToolSpec, parse_whole
@@ -174,6 +174,16 @@ def test_a_tool_result_round_trips_and_none_answers_in_text(server: ServerProces
     choice = second.choices[0]
     assert choice.finish_reason in ("stop", "length") and choice.message.tool_calls is None
     assert isinstance(choice.message.content, str)
+    # auto: the model decides; text without a call comes back as content.
+    third = client.chat.completions.create(
+        model="tiny",
+        messages=conversation,
+        tools=TOOLS,
+        tool_choice="auto",
+        max_tokens=8,  # type: ignore[arg-type]
+    )
+    assert third.choices[0].message.tool_calls is None and third.choices[0].finish_reason in ("stop", "length")
+    assert isinstance(third.choices[0].message.content, str)
 
 
 @pytest.mark.slow
@@ -286,3 +296,16 @@ def test_grpc_named_and_required_tool_calls_unary_and_streamed(server: ServerPro
         reply = client.generate(messages=conversation, tools=TOOLS, tool_choice="none", max_tokens=8)
         assert not reply.completions[0].tool_calls
         assert reply.completions[0].finish_reason in (pb.FINISH_REASON_STOP, pb.FINISH_REASON_LENGTH)
+
+
+@pytest.mark.slow
+def test_grpc_bad_tools_are_invalid_argument(server: ServerProcess) -> None:
+    with Client(server.target, timeout=60) as client:
+        request = pb.GenerateRequest(messages=[pb.ChatMessage(role="user", content="hi")])
+        request.tools.add(name="f", parameters_json="{oops")
+        with pytest.raises(AttnserveError, match=r"tools\[0\].parameters: must be a JSON schema"):
+            client.send(request)
+        request = pb.GenerateRequest(prompt="hi", tool_choice=pb.TOOL_CHOICE_REQUIRED)
+        request.tools.add(name="f")
+        with pytest.raises(AttnserveError, match="tools need messages"):
+            client.send(request)
