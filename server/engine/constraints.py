@@ -275,13 +275,16 @@ class ConstraintRows:
         keep = [k for k, ok in enumerate(alive) if ok]
         if not keep:
             return logits, dead
-        rows = torch.tensor([pending.rows[k] for k in keep], dtype=torch.long, device=logits.device)
+        where = [pending.rows[k] for k in keep]
+        rows = torch.tensor(where, dtype=torch.long, device=logits.device)
         bits = torch.from_numpy(mask[keep]).to(logits.device)  # (K, W)
         shifts = torch.arange(32, dtype=torch.int32, device=logits.device)
         allowed = ((bits.unsqueeze(-1) >> shifts) & 1).reshape(len(keep), -1)[:, : logits.shape[1]].bool()
         if allowed.shape[1] < logits.shape[1]:  # logits wider than the vocabulary the masks cover
             pad = allowed.new_zeros(len(keep), logits.shape[1] - allowed.shape[1])
             allowed = torch.cat([allowed, pad], dim=1)
+        if where == list(range(logits.shape[0])):  # every row constrained, in order: no gather and scatter
+            return logits.masked_fill(~allowed, float("-inf")), dead
         picked = logits.index_select(0, rows).masked_fill(~allowed, float("-inf"))
         return logits.index_copy(0, rows, picked), dead
 
