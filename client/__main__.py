@@ -121,14 +121,39 @@ def _print_lens(rows: list[pb.LensRow], labels: list[str]) -> None:
         print(label[:13].ljust(14) + "".join(cells), file=sys.stderr)
 
 
+def _constraint(args: argparse.Namespace) -> dict:
+    """The gRPC constraint flags as build_request keywords (@FILE reads a file)."""
+
+    def text(value: str) -> str:
+        return Path(value[1:]).read_text() if value.startswith("@") else value
+
+    out: dict = {}
+    if args.json_schema is not None:
+        out["json_schema"] = text(args.json_schema)
+    if args.json_object:
+        out["json_object"] = True
+    if args.regex is not None:
+        out["regex"] = args.regex
+    if args.choice:
+        out["choice"] = args.choice
+    if args.grammar is not None:
+        out["grammar"] = text(args.grammar)
+    return out
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     kwargs = _sampling(args)
+    constraint = _constraint(args)
     if url := http_url(args):
+        if constraint:
+            print("constraint flags are sent over gRPC only; drop --http", file=sys.stderr)
+            return 2
         return cli_generate(args, url, kwargs)
     if args.logit_lens:
         kwargs.update(logit_lens_layers=args.logit_lens, logit_lens_top_k=1)
     if args.steer or args.ablate:
         kwargs.update(steering=args.steer or (), ablations=args.ablate or ())
+    kwargs.update(constraint)
     if args.attention_png:
         kwargs.update(attention_layers=[args.attention_layer], head_reduction=_reduction(args), include_prompt=True)
     with _client(args) as client:
@@ -281,6 +306,12 @@ def main(argv: list[str] | None = None) -> int:
         help="remove (or scale) these heads' outputs at LAYER, e.g. 3:0,5 (repeatable)",
     )
     gen.add_argument("-n", type=int, default=None, help="completions to generate (printed one per line)")
+    shape = gen.add_mutually_exclusive_group()
+    shape.add_argument("--json-schema", default=None, help="constrain to this JSON schema (JSON text, or @FILE)")
+    shape.add_argument("--json-object", action="store_true", help="constrain to any JSON object")
+    shape.add_argument("--regex", default=None, help="constrain the whole output to this regex")
+    shape.add_argument("--choice", action="append", default=None, help="constrain to one of these (repeatable)")
+    shape.add_argument("--grammar", default=None, help="constrain to this Lark grammar (text, or @FILE)")
     gen.add_argument("-v", "--verbose", action="store_true", help="print usage and timings to stderr")
     sub.add_parser("chat", parents=[common, sampling], help="interactive streaming chat")
     info = sub.add_parser("info", parents=[common], help="model and server information")

@@ -12,6 +12,7 @@ subclasses carrying the gRPC status code and the server's message.
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from typing import Any
 
@@ -23,7 +24,14 @@ from attnserve.v1 import generate_pb2 as pb
 from attnserve.v1 import generate_pb2_grpc as pb_grpc
 
 DEFAULT_TARGET = "localhost:50051"
-Message = Mapping[str, str] | tuple[str, str]
+# A chat turn: (role, content), or a mapping with role, content and, for tool calling, tool_calls
+# (OpenAI's shape or pb.ToolCall) and tool_call_id.
+Message = Mapping[str, Any] | tuple[str, str]
+_TOOL_CHOICES = {
+    "auto": pb.TOOL_CHOICE_AUTO,
+    "none": pb.TOOL_CHOICE_NONE,
+    "required": pb.TOOL_CHOICE_REQUIRED,
+}
 
 
 # ----------------------------------------------------------------------- errors
@@ -136,9 +144,20 @@ def build_request(
     priority: int = 0,
     request_id: str = "",
     model: str = "",
+    json_schema: str | Mapping[str, Any] | None = None,
+    json_object: bool = False,
+    regex: str | None = None,
+    choice: Sequence[str] | None = None,
+    grammar: str | None = None,
+    tools: Sequence[Mapping[str, Any]] = (),
+    tool_choice: str | None = None,
+    parallel_tool_calls: bool | None = None,
 ) -> pb.GenerateRequest:
     """One GenerateRequest from keyword arguments. ``chat=True`` sends ``prompt`` as a user message.
     Unset sampling fields take the server's defaults (GetServerInfo.default_sampling).
+    At most one constraint: ``json_schema`` (a dict or JSON text), ``json_object``, ``regex``,
+    ``choice`` (strings) or ``grammar`` (Lark). ``tools`` (OpenAI function specs) with ``tool_choice``
+    "auto", "none", "required" or a function's name.
 
     Look inside: ``residual_points`` (resid_pre, attn_out, resid_mid, mlp_out, resid_post) at
     ``residual_layers``; ``logit_lens_layers`` with their ``logit_lens_top_k``; both for each generated
@@ -177,6 +196,27 @@ def build_request(
     )
     request.steering.extend(s.message() for s in steering)
     request.ablations.extend(a.message() for a in ablations)
+    constraints = dict(
+        json_schema=json_schema, json_object=json_object or None, regex=regex, choice=choice, grammar=grammar
+    )
+    given = {k: v for k, v in constraints.items() if v is not None}
+    if len(given) > 1:
+        raise ValueError(f"give at most one constraint, got {', '.join(given)}")
+    for name, value in given.items():
+        if name == "json_schema":
+            request.constraint.json_schema = value if isinstance(value, str) else json.dumps(value)
+        elif name == "choice":
+            request.constraint.choice.choices.extend(value)
+        else:
+            setattr(request.constraint, name, value)
+    request.tools.extend(_tool(t) for t in tools)
+    if tool_choice is not None:
+        if tool_choice in _TOOL_CHOICES:
+            request.tool_choice = _TOOL_CHOICES[tool_choice]
+        else:
+            request.tool_choice, request.tool_choice_name = pb.TOOL_CHOICE_FUNCTION, tool_choice
+    if parallel_tool_calls is not None:
+        request.parallel_tool_calls = parallel_tool_calls
     return request
 
 
@@ -225,9 +265,29 @@ def _ask_inspection(
 def _chat_messages(messages: Sequence[Message]) -> list[pb.ChatMessage]:
     turns = []
     for m in messages:
-        role, content = (m["role"], m["content"]) if isinstance(m, Mapping) else m
-        turns.append(pb.ChatMessage(role=role, content=content))
+        if not isinstance(m, Mapping):
+            turns.append(pb.ChatMessage(role=m[0], content=m[1]))
+            continue
+        turn = pb.ChatMessage(role=m["role"], content=m.get("content") or "", tool_call_id=m.get("tool_call_id") or "")
+        for call in m.get("tool_calls") or ():
+            if isinstance(call, pb.ToolCall):
+                turn.tool_calls.append(call)
+            else:  # OpenAI's shape
+                function = call["function"]
+                turn.tool_calls.add(id=call.get("id", ""), name=function["name"], arguments=function["arguments"])
+        turns.append(turn)
     return turns
+
+
+def _tool(tool: Mapping[str, Any]) -> pb.Tool:
+    """A tool from OpenAI's shape ({"type": "function", "function": {...}}) or the function alone."""
+    function = tool.get("function", tool)
+    parameters = function.get("parameters")
+    return pb.Tool(
+        name=function["name"],
+        description=function.get("description") or "",
+        parameters_json="" if parameters is None else json.dumps(parameters),
+    )
 
 
 def _tokenize_request(text: str | None, messages: Sequence[Message] | None) -> pb.TokenizeRequest:

@@ -255,14 +255,22 @@ class Tokenizer:
         return self.token_text(token_id).encode()
 
     # ------------------------------------------------------------ chat template
-    def apply_chat_template(self, messages: Sequence[Mapping[str, str]], *, add_generation_prompt: bool = True) -> str:
-        """Render messages with the model's jinja2 chat template (ChatML if it has none)."""
+    def apply_chat_template(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        add_generation_prompt: bool = True,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+    ) -> str:
+        """Render messages with the model's jinja2 chat template (ChatML if it has none). ``tools``
+        (OpenAI function specs) are passed to the template as transformers passes them."""
         template = _compile_template(self.chat_template or CHATML_TEMPLATE)
         bos = self.backend.id_to_token(self.bos_token_id) if self.bos_token_id is not None else ""
         eos = self.backend.id_to_token(self.eos_token_ids[0]) if self.eos_token_ids else ""
         return template.render(
             messages=[dict(m) for m in messages],
             add_generation_prompt=add_generation_prompt,
+            tools=list(tools) if tools else None,
             bos_token=bos or "",
             eos_token=eos or "",
         )

@@ -8,6 +8,7 @@ messages, and maps each error kind to a status.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import replace
@@ -17,7 +18,15 @@ import grpc
 from attnserve.server.api.errors import ErrorKind, ServiceError
 from attnserve.server.api.inspection import AblationSpec, InspectionSpec, LensSpec, ResidualSpec, SteeringSpec
 from attnserve.server.api.serving import CompletionDelta, GenerationService, ServerInfo
-from attnserve.server.api.validation import AttentionSpec, ChatTurn, FieldError, GenerationRequest, Prompt
+from attnserve.server.api.tools import ToolCallParser, ToolSpec, parse_whole
+from attnserve.server.api.validation import (
+    AttentionSpec,
+    ChatTurn,
+    ConstraintSpec,
+    FieldError,
+    GenerationRequest,
+    Prompt,
+)
 from attnserve.server.engine.outputs import Timings, Usage
 from attnserve.server.engine.records import AttentionRow, LensRow, ResidualRow, TokenLogprobs
 from attnserve.server.engine.request import FinishReason, WeightsDtype
@@ -34,7 +43,11 @@ STATUS = {
     ErrorKind.DEADLINE_EXCEEDED: grpc.StatusCode.DEADLINE_EXCEEDED,
     ErrorKind.INTERNAL: grpc.StatusCode.INTERNAL,
 }
-_FINISH = {FinishReason.STOP: pb.FINISH_REASON_STOP, FinishReason.LENGTH: pb.FINISH_REASON_LENGTH}
+_FINISH = {
+    FinishReason.STOP: pb.FINISH_REASON_STOP,
+    FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
+    FinishReason.CONSTRAINT: pb.FINISH_REASON_CONSTRAINT,
+}
 _REDUCTION = {pb.HEAD_REDUCTION_NONE: "none", pb.HEAD_REDUCTION_MEAN: "mean", pb.HEAD_REDUCTION_MAX: "max"}
 _DTYPE_IN = {pb.WEIGHTS_DTYPE_FLOAT16: "float16", pb.WEIGHTS_DTYPE_FLOAT32: "float32"}
 _DTYPE_OUT = {WeightsDtype.FLOAT16: pb.WEIGHTS_DTYPE_FLOAT16, WeightsDtype.FLOAT32: pb.WEIGHTS_DTYPE_FLOAT32}
@@ -113,6 +126,11 @@ def generation_request(request: pb.GenerateRequest) -> GenerationRequest:
         attention=attention,
         n=opt(request, "n"),  # type: ignore[arg-type]
         priority=request.priority,
+        constraint=_constraint(request),
+        tools=tuple(ToolSpec(t.name, t.description, t.parameters_json or '{"type": "object"}') for t in request.tools),
+        tool_choice=_TOOL_CHOICE.get(request.tool_choice, "?"),
+        tool_choice_name=request.tool_choice_name or None,
+        parallel_tool_calls=request.parallel_tool_calls if request.HasField("parallel_tool_calls") else True,
         inspection=_inspection(request),
     )
 
@@ -145,8 +163,51 @@ def _inspection(request: pb.GenerateRequest) -> InspectionSpec | None:
     return None if spec.is_empty else spec
 
 
+def _constraint(request: pb.GenerateRequest) -> ConstraintSpec | None:
+    if not request.HasField("constraint"):
+        return None
+    c = request.constraint
+    kind = c.WhichOneof("kind")
+    if kind is None:  # sent but empty: refused by validation, never silently unconstrained
+        return ConstraintSpec("unset", field="constraint")
+    name = f"constraint.{kind}"
+    if kind == "choice":
+        return ConstraintSpec("choice", choices=tuple(c.choice.choices), field=name)
+    if kind == "json_object":
+        return ConstraintSpec("json_object" if c.json_object else "unset", field=name)
+    return ConstraintSpec(kind, getattr(c, kind), field=name)
+
+
 def _turns(messages: Sequence[pb.ChatMessage]) -> tuple[ChatTurn, ...]:
-    return tuple(ChatTurn(m.role, m.content) for m in messages)
+    return tuple(
+        ChatTurn(
+            m.role,
+            m.content,
+            tool_calls_json=json.dumps(
+                [
+                    {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments or "{}"}}
+                    for c in m.tool_calls
+                ]
+            )
+            if m.tool_calls
+            else "",
+            tool_call_id=m.tool_call_id,
+        )
+        for m in messages
+    )
+
+
+_TOOL_CHOICE = {
+    pb.TOOL_CHOICE_UNSPECIFIED: "auto",
+    pb.TOOL_CHOICE_AUTO: "auto",
+    pb.TOOL_CHOICE_NONE: "none",
+    pb.TOOL_CHOICE_REQUIRED: "required",
+    pb.TOOL_CHOICE_FUNCTION: "function",
+}
+
+
+def parses_tool_calls(request: pb.GenerateRequest) -> bool:
+    return bool(request.tools) and request.tool_choice != pb.TOOL_CHOICE_NONE
 
 
 # ------------------------------------------------------------------ responses
@@ -304,6 +365,32 @@ async def abort_with(context: grpc.aio.ServicerContext, error: ServiceError) -> 
     await context.abort(STATUS[error.kind], message)
 
 
+def _with_tool_calls(completion: pb.Completion, fmt: str) -> None:
+    """A whole completion's calls parsed out of its text (the text keeps what is outside them)."""
+    content, calls = parse_whole(completion.text, fmt)
+    if not calls:
+        return
+    completion.text = content
+    completion.tool_calls.extend(pb.ToolCall(id=c.id, name=c.name, arguments=c.arguments) for c in calls)
+    if completion.finish_reason == pb.FINISH_REASON_STOP:
+        completion.finish_reason = pb.FINISH_REASON_TOOL_CALLS
+
+
+def _stream_tool_calls(message: pb.GenerateStreamResponse, parser: ToolCallParser) -> None:
+    """A stream message's text split into content and tool-call pieces (the same parser as unary)."""
+    parsed = parser.feed(message.text)
+    if message.finish_reason != pb.FINISH_REASON_UNSPECIFIED:
+        tail = parser.finish()
+        parsed.content += tail.content
+        parsed.calls += tail.calls
+        if parser.calls and message.finish_reason == pb.FINISH_REASON_STOP:
+            message.finish_reason = pb.FINISH_REASON_TOOL_CALLS
+    message.text = parsed.content
+    message.tool_calls.extend(
+        pb.ToolCallDelta(index=c.index, id=c.id or "", name=c.name or "", arguments=c.arguments) for c in parsed.calls
+    )
+
+
 class GeneratorServicer(pb_grpc.GeneratorServiceServicer):
     def __init__(self, service: GenerationService) -> None:
         self.service = service
@@ -313,14 +400,21 @@ class GeneratorServicer(pb_grpc.GeneratorServiceServicer):
         async for delta in self._deltas(request, context, whole_response=True):
             response.request_id = delta.request_id
             _add_to_response(response, delta)
+        if parses_tool_calls(request):
+            for completion in response.completions:
+                _with_tool_calls(completion, self.service.rules.tool_format)
         return response
 
     async def GenerateStream(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateStreamResponse]:
         max_bytes = self.service.limits.max_response_bytes
+        parsers: dict[int, ToolCallParser] = {}
         async for delta in self._deltas(request, context, whole_response=False):
             for message in stream_messages(delta, max_bytes):
+                if parses_tool_calls(request):
+                    parser = parsers.setdefault(delta.index, ToolCallParser(self.service.rules.tool_format))
+                    _stream_tool_calls(message, parser)
                 yield message
 
     async def Tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:

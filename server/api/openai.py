@@ -28,7 +28,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from attnserve.server.api.errors import ErrorKind, ServiceError
 from attnserve.server.api.openai_schema import ChatBody, ChatMessageBody, CompletionBody
 from attnserve.server.api.serving import CompletionDelta, GenerationService
-from attnserve.server.api.validation import ChatTurn, Prompt
+from attnserve.server.api.tools import CallDelta, ToolCallParser, parse_whole
+from attnserve.server.api.validation import Prompt
 from attnserve.server.engine.outputs import RequestOutput
 from attnserve.server.engine.records import AttentionRow, EngineInfo, LensRow, ResidualRow, TokenLogprobs
 
@@ -240,7 +241,7 @@ async def _tokenize(door: HttpDoor, body: TokenizeBody) -> Response:
     if body.prompt is not None:
         prompt = Prompt("prompt", text=body.prompt)
     else:
-        turns = [ChatTurn("system" if m.role == "developer" else m.role, m.text()) for m in body.messages or ()]
+        turns = [m.turn() for m in body.messages or ()]
         prompt = Prompt("messages", messages=tuple(turns))
     try:
         door.service.info()  # 503 while the model loads, as generation answers
@@ -348,6 +349,47 @@ class ChatCompletion(_Shape):
     object_name, chunk_name = "chat.completion", "chat.completion.chunk"
     id_prefix = "chatcmpl"
 
+    def __init__(self, service: GenerationService, body: ChatBody) -> None:
+        super().__init__(service, body)
+        self.chat = body
+        # Tool calls are looked for when tools were given and not turned off (tool_choice "none").
+        self.parses_tools = bool(body.tools) and body.tool_choice != "none"
+        self._parsers: dict[int, ToolCallParser] = {}
+
+    def parser(self, index: int) -> ToolCallParser:
+        if index not in self._parsers:
+            self._parsers[index] = ToolCallParser(self.service.rules.tool_format)
+        return self._parsers[index]
+
+    def message(self, text: str) -> tuple[dict[str, Any], bool]:
+        """A whole answer's message, with its tool calls parsed out; True if it has any."""
+        if not self.parses_tools:
+            return {"role": "assistant", "content": text}, False
+        content, calls = parse_whole(text, self.service.rules.tool_format)
+        if not calls:
+            return {"role": "assistant", "content": content}, False
+        rendered = [
+            {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}} for c in calls
+        ]
+        return {"role": "assistant", "content": content or None, "tool_calls": rendered}, True
+
+    def stream_delta(self, index: int, text: str, finished: bool) -> tuple[dict[str, Any], bool]:
+        """A chunk's delta: content, and tool-call pieces as OpenAI streams them; True once a call was seen."""
+        if not self.parses_tools:
+            return ({"content": text} if text or not finished else {}), False
+        parser = self.parser(index)
+        parsed = parser.feed(text)
+        if finished:
+            tail = parser.finish()
+            parsed.content += tail.content
+            parsed.calls += tail.calls
+        delta: dict[str, Any] = {}
+        if parsed.content:
+            delta["content"] = parsed.content
+        if parsed.calls:
+            delta["tool_calls"] = [_call_delta(c) for c in parsed.calls]
+        return delta, bool(parser.calls)
+
     def rename(self, neutral: str) -> str:
         return "top_logprobs" if neutral == "logprobs" else neutral
 
@@ -381,6 +423,14 @@ def residual_json(row: ResidualRow) -> dict[str, Any]:
         "dtype": row.dtype.value,
         "values": base64.b64encode(row.values).decode(),
     }
+
+
+def _call_delta(c: CallDelta) -> dict[str, Any]:
+    """One ``delta.tool_calls[i]``: id, type and name on a call's first piece, then arguments."""
+    function: dict[str, Any] = {"arguments": c.arguments}
+    if c.name is not None:
+        function = {"name": c.name, **function}
+    return {"index": c.index, **({"id": c.id, "type": "function"} if c.id else {}), "function": function}
 
 
 def attention_json(row: AttentionRow) -> dict[str, Any]:
@@ -497,6 +547,10 @@ async def _whole(shape: _Shape, first: CompletionDelta, rest: AsyncIterator[Comp
     for index in sorted(choices):
         c = choices[index]
         choice = shape.choice(index, c.text, c.tokens, c.logprobs, c.finish)
+        if isinstance(shape, ChatCompletion):
+            choice["message"], has_calls = shape.message(c.text)
+            if has_calls and c.finish == "stop":  # a call cut by max_tokens keeps "length"
+                choice["finish_reason"] = "tool_calls"
         shape.choice_extras(choice, c)
         rendered.append(choice)
     return {**shape.envelope(shape.object_name, rendered), "usage": usage}
@@ -532,7 +586,9 @@ def _chunk_choice(shape: _Shape, delta: CompletionDelta, offsets: dict[int, int]
     offset = offsets.get(delta.index, 0)
     offsets[delta.index] = offset + len(out.text)
     if isinstance(shape, ChatCompletion):
-        content = {"content": out.text} if out.text or not finish else {}
+        content, has_calls = shape.stream_delta(delta.index, out.text, finish is not None)
+        if finish == "stop" and has_calls:
+            finish = "tool_calls"
         choice = shape.choice(delta.index, out.text, out.token_ids, out.logprobs, finish, delta=content)
     else:
         choice = shape.choice(delta.index, out.text, out.token_ids, out.logprobs, finish, offset)  # type: ignore[call-arg]

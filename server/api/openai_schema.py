@@ -9,7 +9,8 @@ Known OpenAI features this server does not implement are refused (400), never ig
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+import json
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -21,7 +22,8 @@ from attnserve.server.api.inspection import (
     SteeringSpec,
     float32_bytes,
 )
-from attnserve.server.api.validation import AttentionSpec, ChatTurn, FieldError, GenerationRequest
+from attnserve.server.api.tools import ToolSpec
+from attnserve.server.api.validation import AttentionSpec, ChatTurn, ConstraintSpec, FieldError, GenerationRequest
 
 # Integer fields hold exactly what their gRPC twins can (proto types in generate.proto): a value
 # outside is a 400 naming the field here, as it is an INVALID_ARGUMENT there.
@@ -72,6 +74,18 @@ class AblationBody(BaseModel):
     scale: float = 0.0
 
 
+class JsonSchemaFormat(BaseModel):
+    name: str = "response"
+    description: str | None = None
+    schema_: dict[str, Any] | bool | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
 class StreamOptions(BaseModel):
     include_usage: bool = False
 
@@ -81,10 +95,49 @@ class TextPart(BaseModel):
     text: str
 
 
+class FunctionCallBody(BaseModel):
+    name: str
+    arguments: str = "{}"  # JSON text, as OpenAI sends it
+
+
+class ToolCallBody(BaseModel):
+    id: str = ""
+    type: Literal["function"] = "function"
+    function: FunctionCallBody
+
+
+class FunctionBody(BaseModel):
+    name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None  # enforced either way when a call is forced
+
+
+class ToolBody(BaseModel):
+    type: Literal["function"]
+    function: FunctionBody
+
+
+class NamedFunction(BaseModel):
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class ChatMessageBody(BaseModel):
     role: str
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallBody] | None = None  # an assistant turn's calls, sent back in the conversation
+    tool_call_id: str | None = None  # a tool turn: the call whose result it carries
+
+    def turn(self) -> ChatTurn:
+        calls = json.dumps([c.model_dump() for c in self.tool_calls]) if self.tool_calls else ""
+        role = "system" if self.role == "developer" else self.role
+        return ChatTurn(role, self.text(), tool_calls_json=calls, tool_call_id=self.tool_call_id or "")
 
     def text(self) -> str:
         if isinstance(self.content, list):
@@ -122,6 +175,37 @@ class _Common(BaseModel):
     steering: list[SteeringBody] = []
     ablations: list[AblationBody] = []
     return_token_ids: bool = False  # vLLM's name: each choice (and chunk) also carries its token_ids
+    # Structured output: OpenAI's response_format, and vLLM's guided_* extra fields (at most one in all).
+    response_format: ResponseFormat | None = None
+    guided_json: dict[str, Any] | bool | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+
+    def constraint(self) -> ConstraintSpec | list[FieldError] | None:
+        """The one constraint asked for (None: none); errors if several are."""
+        found: list[ConstraintSpec] = []
+        rf = self.response_format
+        if rf is not None and rf.type == "json_object":
+            found.append(ConstraintSpec("json_object", field="response_format"))
+        elif rf is not None and rf.type == "json_schema":
+            if rf.json_schema is None or rf.json_schema.schema_ is None:
+                return [FieldError("response_format.json_schema.schema", None, "is required with type json_schema")]
+            # strict or not, the schema is enforced: a constrained sampler cannot produce anything else.
+            found.append(ConstraintSpec("json_schema", json.dumps(rf.json_schema.schema_), field="response_format"))
+        if self.guided_json is not None:
+            value = self.guided_json if isinstance(self.guided_json, str) else json.dumps(self.guided_json)
+            found.append(ConstraintSpec("json_schema", value, field="guided_json"))
+        if self.guided_regex is not None:
+            found.append(ConstraintSpec("regex", self.guided_regex, field="guided_regex"))
+        if self.guided_choice is not None:
+            found.append(ConstraintSpec("choice", choices=tuple(self.guided_choice), field="guided_choice"))
+        if self.guided_grammar is not None:
+            found.append(ConstraintSpec("grammar", self.guided_grammar, field="guided_grammar"))
+        if len(found) > 1:
+            names = ", ".join(c.field for c in found)
+            return [FieldError(found[1].field, "...", f"give one constraint, not several ({names})")]
+        return found[0] if found else None
 
     def unsupported(self) -> list[FieldError]:
         """OpenAI features asked for that this server does not implement, and options that make no sense."""
@@ -133,14 +217,19 @@ class _Common(BaseModel):
                 errors.append(FieldError(name, getattr(self, name), "is not supported (use repetition_penalty)"))
         if self.logit_bias:
             errors.append(FieldError("logit_bias", "...", "is not supported"))
-        for name in ("tools", "functions", "response_format", "suffix"):
+        for name in ("tools", "functions", "suffix"):
             if (self.model_extra or {}).get(name) not in (None, [], {}, {"type": "text"}):
                 errors.append(FieldError(name, "...", "is not supported by this server"))
+        constraint = self.constraint()
+        if isinstance(constraint, list):
+            errors.extend(constraint)
         return errors
 
     def common(self, max_tokens: int | None, logprobs: int | None) -> GenerationRequest:
         a = self.attention
+        constraint = self.constraint()
         return GenerationRequest(
+            constraint=constraint if isinstance(constraint, ConstraintSpec) else None,
             model=self.model or "",
             temperature=self.temperature,
             top_k=self.top_k,
@@ -209,6 +298,9 @@ class ChatBody(_Common):
     max_completion_tokens: UInt32 | None = None
     logprobs: bool = False
     top_logprobs: UInt32 | None = None
+    tools: list[ToolBody] | None = None
+    tool_choice: Literal["auto", "none", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
 
     def to_request(self) -> GenerationRequest | list[FieldError]:
         errors = self.unsupported()
@@ -218,5 +310,16 @@ class ChatBody(_Common):
             return errors
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         request = self.common(max_tokens, (self.top_logprobs or 0) if self.logprobs else None)
-        request.messages = [ChatTurn("system" if m.role == "developer" else m.role, m.text()) for m in self.messages]
+        request.messages = [m.turn() for m in self.messages]
+        request.tools = [
+            ToolSpec(
+                t.function.name, t.function.description or "", json.dumps(t.function.parameters or {"type": "object"})
+            )
+            for t in self.tools or ()
+        ]
+        if isinstance(self.tool_choice, NamedToolChoice):
+            request.tool_choice, request.tool_choice_name = "function", self.tool_choice.function.name
+        elif self.tool_choice is not None:
+            request.tool_choice = self.tool_choice
+        request.parallel_tool_calls = self.parallel_tool_calls is not False
         return request

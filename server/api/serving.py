@@ -26,8 +26,10 @@ from attnserve.server.api import inspection
 from attnserve.server.api.attention_budget import AttentionBudget
 from attnserve.server.api.errors import ErrorKind, ServiceError, not_ready, service_error
 from attnserve.server.api.prompts import prompt_token_ids
+from attnserve.server.api.tools import template_format
 from attnserve.server.api.validation import (
     CheckedRequest,
+    FieldError,
     GenerationRequest,
     Prompt,
     RequestInvalid,
@@ -40,6 +42,7 @@ from attnserve.server.api.validation import (
     fit_prompt,
     validate,
 )
+from attnserve.server.engine.errors import ConstraintError
 from attnserve.server.engine.outputs import RequestOutput, Timings, Usage
 from attnserve.server.engine.records import EngineInfo, EngineStats
 from attnserve.server.engine.request import DEADLINE_SLACK_S, FinishReason, SamplingParams
@@ -90,11 +93,14 @@ class GenerationService:
         # Templating and tokenizing run here, never on the event loop: a long prompt must not
         # stall the other streams or the health check.
         self._tokenizers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="attnserve-tokenize")
+        # Constraint compiling has its own threads: a slow grammar must not hold up tokenizing.
+        self._compilers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="attnserve-grammar")
 
     def attach(self, engine: Engine) -> None:
         info = engine.info()
         defaults = SamplingDefaults().overridden(info.generation_defaults).overridden(self._default_overrides)
-        self._rules = ServingRules(info, self.limits, defaults)
+        tool_format = template_format(getattr(engine.tokenizer, "chat_template", None))
+        self._rules = ServingRules(info, self.limits, defaults, tool_format=tool_format)
         self._engine = engine
         log.info("sampling defaults: %s", defaults)
 
@@ -138,6 +144,8 @@ class GenerationService:
         reserved = 0
         try:
             checked = self._check(request)
+            if checked.params.constraint is not None:
+                checked = await self._compile(checked, request)
             prompt_ids = await self._build_prompt(checked.prompt)
             outcome.prompt_tokens = len(prompt_ids)
             params = fit_prompt(checked, len(prompt_ids), self.rules, whole_response=whole_response)
@@ -184,6 +192,26 @@ class GenerationService:
                 metric_reason="queue_full",
             )
         return checked
+
+    async def _compile(self, checked: CheckedRequest, request: GenerationRequest) -> CheckedRequest:
+        """The constraint compiled (or found in the cache) on a worker thread, within a time bound:
+        a hostile schema costs its sender a 400, never the event loop or the engine a stall."""
+        constraint = checked.params.constraint
+        assert constraint is not None
+        name = request.constraint.field if request.constraint is not None else "tools"  # or a forced tool call's
+        limit = self.limits.max_constraint_compile_s
+        loop = asyncio.get_running_loop()
+        job = loop.run_in_executor(self._compilers, self.engine.grammars.compile, constraint)
+        try:
+            grammar = await asyncio.wait_for(job, limit)
+        except TimeoutError:
+            raise RequestInvalid(
+                [FieldError(name, None, f"compiling this constraint took longer than {limit:g} s; simplify it")]
+            ) from None
+        except ConstraintError as exc:
+            raise RequestInvalid([FieldError(name, None, f"cannot be compiled: {exc}")]) from exc
+        params = replace(checked.params, constraint=replace(constraint, grammar=grammar))
+        return replace(checked, params=params)
 
     async def _build_prompt(self, prompt: Prompt) -> list[int]:
         tokenizer = self.engine.tokenizer
@@ -275,6 +303,7 @@ class GenerationService:
 
     def close(self) -> None:
         self._tokenizers.shutdown(wait=False, cancel_futures=True)
+        self._compilers.shutdown(wait=False, cancel_futures=True)
 
 
 def _completion_params(params: SamplingParams, index: int) -> SamplingParams:

@@ -15,6 +15,7 @@ wire names (gRPC ``sampling.temperature``, HTTP ``temperature``) and picks the s
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -23,8 +24,16 @@ from dataclasses import dataclass, field, fields, replace
 from attnserve.server.api import inspection
 from attnserve.server.api.attention_budget import AttentionShape, how_to_shrink
 from attnserve.server.api.inspection import InspectionSpec
+from attnserve.server.api.tools import HERMES, ToolSpec, forcing_grammar
 from attnserve.server.engine.records import EngineInfo
-from attnserve.server.engine.request import AttentionOptions, HeadReduction, SamplingParams, WeightsDtype
+from attnserve.server.engine.request import (
+    AttentionOptions,
+    Constraint,
+    ConstraintKind,
+    HeadReduction,
+    SamplingParams,
+    WeightsDtype,
+)
 
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 HEAD_REDUCTIONS = {"none": HeadReduction.NONE, "mean": HeadReduction.MEAN, "max": HeadReduction.MAX}
@@ -50,6 +59,7 @@ class RequestLimits:
     attention_memory_budget: int = 512 << 20  # all requests together (AttentionBudget)
     max_request_bytes: int = 4 << 20  # one request message
     max_response_bytes: int = 64 << 20  # one response message (the gRPC send limit)
+    max_constraint_compile_s: float = 5.0  # compiling one constraint (schema, regex, grammar)
 
     def __post_init__(self) -> None:
         for name in (
@@ -65,6 +75,8 @@ class RequestLimits:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.max_constraint_compile_s > 0:
+            raise ValueError(f"max_constraint_compile_s must be > 0, got {self.max_constraint_compile_s}")
         if self.max_logprobs < 0:
             raise ValueError(f"max_logprobs must be >= 0, got {self.max_logprobs}")
 
@@ -94,12 +106,16 @@ class ServingRules:
     facts: EngineInfo
     limits: RequestLimits = field(default_factory=RequestLimits)
     defaults: SamplingDefaults = field(default_factory=SamplingDefaults)
+    tool_format: str = HERMES  # how the model's chat template writes tool calls (server/api/tools.py)
 
 
 @dataclass(frozen=True)
 class ChatTurn:
     role: str
     content: str
+    # An assistant turn's earlier tool calls: OpenAI's tool_calls, as JSON text (a list).
+    tool_calls_json: str = ""
+    tool_call_id: str = ""  # a tool turn: the call it answers
 
 
 @dataclass(frozen=True)
@@ -112,6 +128,22 @@ class AttentionSpec:
     dtype: str | None = None  # "float16" (None) or "float32"
     top_k: int = 0  # 0: whole rows
     spans: Sequence[tuple[int, int]] = ()  # [start, end) key ranges: each row's sum over each
+
+
+CONSTRAINT_KINDS = {kind.value: kind for kind in ConstraintKind}
+MAX_CONSTRAINT_CHARS = 256 << 10  # a schema, regex or grammar (the engine compiles within its own bounds too)
+MAX_CHOICES = 4096
+
+
+@dataclass(frozen=True)
+class ConstraintSpec:
+    """A constraint as sent. ``field`` is where the door found it (its own wire name), so that a
+    compile error names what the client wrote: ``constraint.regex``, ``response_format``, ``guided_json``."""
+
+    kind: str  # json_schema, json_object, regex, choice, grammar
+    value: str = ""
+    choices: Sequence[str] = ()
+    field: str = "constraint"
 
 
 @dataclass
@@ -139,6 +171,13 @@ class GenerationRequest:
     n: int | None = None
     priority: int = 0
     inspection: InspectionSpec | None = None  # residual reads, logit lens, steering, ablations
+    constraint: ConstraintSpec | None = None
+    # Tool calling (messages only): the functions, and "auto", "none", "required" or "function"
+    # (then tool_choice_name names it).
+    tools: Sequence[ToolSpec] = ()
+    tool_choice: str = "auto"
+    tool_choice_name: str | None = None
+    parallel_tool_calls: bool = True
     # Who sent it, as the door knows the sender (the gRPC door: its connection): only the
     # same caller may Abort it. Not a field of any wire message.
     caller: str = ""
@@ -170,6 +209,7 @@ class Prompt:
     text: str | None = None
     messages: tuple[ChatTurn, ...] = ()
     token_ids: tuple[int, ...] = ()
+    tools: tuple[ToolSpec, ...] = ()  # rendered by the chat template (or a system turn where it has none)
 
 
 @dataclass(frozen=True)
@@ -182,6 +222,7 @@ class CheckedRequest:
     max_tokens_sent: bool
     n: int
     priority: int
+    parses_tool_calls: bool = False  # the door looks for tool calls in the output
 
 
 @dataclass
@@ -208,6 +249,7 @@ def validate(request: GenerationRequest, rules: ServingRules) -> CheckedRequest 
         max_tokens_sent=request.max_tokens is not None,
         n=request.n or 1,
         priority=request.priority,
+        parses_tool_calls=bool(request.tools) and request.tool_choice != "none",
     )
 
 
@@ -537,6 +579,102 @@ def _check_inspection(r: GenerationRequest, rules: ServingRules, e: _Errors) -> 
     inspection.check(r.inspection, rules.facts, e.check)
 
 
+def _check_constraint(r: GenerationRequest, rules: ServingRules, e: _Errors) -> None:
+    """Cheap shape checks; compiling (and its bounds) happens later, off the event loop."""
+    c = r.constraint
+    if c is None:
+        return
+    if c.kind not in CONSTRAINT_KINDS:
+        e.check(False, c.field, c.kind, f"set one kind of constraint: {', '.join(CONSTRAINT_KINDS)}")
+        return
+    e.check(
+        len(c.value) <= MAX_CONSTRAINT_CHARS,
+        c.field,
+        len(c.value),
+        f"{len(c.value):,} characters; the limit is {MAX_CONSTRAINT_CHARS:,}",
+    )
+    if c.kind in ("json_schema", "regex", "grammar"):
+        e.check(bool(c.value.strip()), c.field, "", f"the {c.kind.replace('_', ' ')} is empty")
+    if c.kind == "choice":
+        e.check(
+            1 <= len(c.choices) <= MAX_CHOICES,
+            c.field,
+            len(c.choices),
+            f"{len(c.choices)} choices; give 1 to {MAX_CHOICES}",
+        )
+        e.check(all(c.choices), c.field, "", "a choice is empty")
+        total = sum(len(choice) for choice in c.choices[: MAX_CHOICES + 1])
+        e.check(
+            total <= MAX_CONSTRAINT_CHARS,
+            c.field,
+            total,
+            f"{total:,} characters; the limit is {MAX_CONSTRAINT_CHARS:,}",
+        )
+    if (error := unicode_error(c.field, c.value)) is not None:
+        e.items.append(error)
+
+
+TOOL_CHOICES = ("auto", "none", "required", "function")
+
+
+def _is_json_object(text: str) -> bool:
+    try:
+        return isinstance(json.loads(text), dict)
+    except (ValueError, RecursionError):
+        return False
+
+
+MAX_TOOLS = 128
+_TOOL_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+def _check_tools(r: GenerationRequest, rules: ServingRules, e: _Errors) -> None:
+    e.check(r.tool_choice in TOOL_CHOICES, "tool_choice", r.tool_choice, f"use one of {', '.join(TOOL_CHOICES)}")
+    if not r.tools:
+        e.check(
+            r.tool_choice in ("auto", "none"), "tool_choice", r.tool_choice, "a tool choice needs tools to choose from"
+        )
+        return
+    e.check(r.messages is not None, "tools", len(r.tools), "tools need messages (the chat template renders them)")
+    e.check(len(r.tools) <= MAX_TOOLS, "tools", len(r.tools), f"{len(r.tools)} tools; the limit is {MAX_TOOLS}")
+    names = [t.name for t in r.tools]
+    for i, tool in enumerate(r.tools[:MAX_TOOLS]):
+        e.check(
+            _TOOL_NAME.fullmatch(tool.name) is not None,
+            f"tools[{i}].name",
+            tool.name[:80],
+            "must be 1 to 64 characters of a-z, A-Z, 0-9, _, . and -",
+        )
+        e.check(names.count(tool.name) == 1, f"tools[{i}].name", tool.name[:80], "is given twice")
+        e.check(
+            len(tool.parameters_json) <= MAX_CONSTRAINT_CHARS,
+            f"tools[{i}].parameters",
+            len(tool.parameters_json),
+            f"{len(tool.parameters_json):,} characters; the limit is {MAX_CONSTRAINT_CHARS:,}",
+        )
+        if len(tool.parameters_json) <= MAX_CONSTRAINT_CHARS:
+            e.check(
+                _is_json_object(tool.parameters_json),
+                f"tools[{i}].parameters",
+                tool.parameters_json[:80],
+                "must be a JSON schema: a JSON object",
+            )
+    if r.tool_choice == "function":
+        e.check(
+            r.tool_choice_name in names,
+            "tool_choice",
+            r.tool_choice_name,
+            f"names no function in tools ({', '.join(names[:8])})",
+        )
+    if r.tool_choice in ("required", "function"):
+        e.check(
+            r.constraint is None,
+            "tool_choice",
+            r.tool_choice,
+            f"a forced tool call is its own constraint: drop {r.constraint.field if r.constraint else ''}",
+        )
+
+
 _CHECKS: tuple[Check, ...] = (
     _check_identity,
     _check_input,
@@ -545,6 +683,8 @@ _CHECKS: tuple[Check, ...] = (
     _check_logprobs,
     _check_attention,
     _check_inspection,
+    _check_tools,
+    _check_constraint,
 )
 
 
@@ -553,7 +693,7 @@ def _prompt_of(r: GenerationRequest) -> Prompt:
     if r.prompt is not None:
         return Prompt("prompt", text=r.prompt)
     if r.messages is not None:
-        return Prompt("messages", messages=tuple(r.messages))
+        return Prompt("messages", messages=tuple(r.messages), tools=tuple(r.tools) if r.tool_choice != "none" else ())
     return Prompt("token_ids", token_ids=tuple(r.token_ids or ()))
 
 
@@ -582,5 +722,17 @@ def _params(r: GenerationRequest, rules: ServingRules) -> SamplingParams:
         logprobs=r.logprobs,
         prompt_logprobs=r.prompt_logprobs,
         attention=attention,
+        constraint=_constraint(r, rules),
     )
     return inspection.to_params(params, r.inspection, facts)
+
+
+def _constraint(r: GenerationRequest, rules: ServingRules) -> Constraint | None:
+    """The request's constraint: its own, or the grammar that forces a tool call (required / named)."""
+    if r.tools and r.tool_choice in ("required", "function"):
+        name = r.tool_choice_name if r.tool_choice == "function" else None
+        grammar = forcing_grammar(r.tools, rules.tool_format, name=name, parallel=r.parallel_tool_calls)
+        return Constraint(ConstraintKind.GRAMMAR, grammar)
+    if r.constraint is None:
+        return None
+    return Constraint(CONSTRAINT_KINDS[r.constraint.kind], r.constraint.value, tuple(r.constraint.choices))

@@ -22,6 +22,7 @@ from attnserve.model.invariance import linear_row_invariance_failures
 from attnserve.model.loader import LoadedModel
 from attnserve.server.engine.block_manager import BlockManager
 from attnserve.server.engine.config import EngineConfig
+from attnserve.server.engine.constraints import ConstraintRows, GrammarCompiler
 from attnserve.server.engine.errors import EngineStoppedError
 from attnserve.server.engine.outputs import OutputProcessor, RequestOutput, Timings, Usage
 from attnserve.server.engine.records import (
@@ -139,6 +140,9 @@ class Engine:
         if graph_decode:
             self.runner.use_graph_decode(max_num_seqs=sched_config.max_num_seqs, max_model_len=max_model_len)
         self.scheduler = Scheduler(sched_config, self.block_manager)
+        # Constraints: the service compiles (off the event loop), the runner masks and advances.
+        self.grammars = GrammarCompiler(self.tokenizer, max(loaded.config.vocab_size, self.tokenizer.vocab_size))
+        self.runner.constraints = ConstraintRows(self.grammars)
         self._lock = threading.Lock()
         self._wakeup = threading.Event()
         self._aborts: deque[tuple[str, FinishReason]] = deque()
@@ -227,6 +231,8 @@ class Engine:
         self._wakeup.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
+        if self.runner.constraints is not None:
+            self.runner.constraints.close()
 
     @property
     def is_alive(self) -> bool:

@@ -11,3 +11,7 @@ class DuplicateRequestError(ValueError):
 
 class EngineStoppedError(RuntimeError):
     """The engine is shutting down and takes no new requests."""
+
+
+class ConstraintError(ValueError):
+    """A request's constraint (schema, regex, choice, grammar) cannot be compiled: the message says why."""

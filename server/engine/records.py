@@ -119,6 +119,8 @@ class RunnerOutput:
     prompt_logprobs: dict[str, list[TokenLogprobs]] = field(default_factory=dict)
     residuals: dict[str, list[ResidualRow]] = field(default_factory=dict)
     lens: dict[str, list[LensRow]] = field(default_factory=dict)
+    constraint_done: set[str] = field(default_factory=set)  # its constraint is complete: the request stops
+    constraint_dead: dict[str, str] = field(default_factory=dict)  # no legal token: its token is dropped, it ends
 
 
 @dataclass

@@ -38,11 +38,14 @@ class FinishReason(enum.Enum):
     STALLED = "stalled"  # its stream was not read for too long
     DEADLINE = "deadline"
     ERROR = "error"
+    # The request's constraint left no legal next token (or its matcher failed): the output so far
+    # is returned as it is, rather than sampling outside the constraint or waiting forever.
+    CONSTRAINT = "constraint"
 
     @property
     def is_complete(self) -> bool:
         """The answer is whole (a stop condition ended it), not cut short."""
-        return self in (FinishReason.STOP, FinishReason.LENGTH)
+        return self in (FinishReason.STOP, FinishReason.LENGTH, FinishReason.CONSTRAINT)
 
 
 FINISHED_STATUS = {
@@ -53,6 +56,7 @@ FINISHED_STATUS = {
     FinishReason.STALLED: RequestStatus.FINISHED_STALLED,
     FinishReason.DEADLINE: RequestStatus.FINISHED_DEADLINE,
     FinishReason.ERROR: RequestStatus.FINISHED_ERROR,
+    FinishReason.CONSTRAINT: RequestStatus.FINISHED_STOPPED,
 }
 
 
@@ -145,6 +149,26 @@ class Interventions:
         return digest.digest()
 
 
+class ConstraintKind(enum.Enum):
+    JSON_SCHEMA = "json_schema"  # value: the schema, JSON text
+    JSON_OBJECT = "json_object"  # any JSON object; no value
+    REGEX = "regex"  # value: the regular expression the whole output matches
+    CHOICE = "choice"  # choices: the output is exactly one of them
+    GRAMMAR = "grammar"  # value: a Lark grammar (llguidance's dialect)
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """What a request's output must match. ``grammar`` is the compiled form (llguidance's grammar
+    text), filled in by the service after compiling off the event loop; the runner builds one
+    matcher per completion from it."""
+
+    kind: ConstraintKind
+    value: str = ""
+    choices: tuple[str, ...] = ()
+    grammar: str = field(default="", compare=False, repr=False)
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """Sampling and stopping parameters of one request, already checked by the doors (server/api/validation.py)."""
@@ -165,6 +189,7 @@ class SamplingParams:
     residuals: ResidualReads | None = None
     logit_lens: LogitLens | None = None
     interventions: Interventions | None = None
+    constraint: Constraint | None = None  # None: unconstrained (pays nothing)
 
     @property
     def needs_every_prompt_position(self) -> bool:

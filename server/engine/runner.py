@@ -17,6 +17,7 @@ from attnserve.model.llama import LlamaForCausalLM
 from attnserve.model.sampling import SamplingTensors, fetch_sampled, sample, step_generator
 from attnserve.server.engine.block_table_rows import BlockTableRows
 from attnserve.server.engine.config import CacheConfig
+from attnserve.server.engine.constraints import ConstraintRows, StepVerdicts
 from attnserve.server.engine.graph_decode import GraphDecode
 from attnserve.server.engine.inspection import StepInspection, due_positions
 from attnserve.server.engine.records import AttentionRow, RunnerOutput, ScheduledRequest, SchedulerOutput, TokenLogprobs
@@ -52,6 +53,7 @@ class ModelRunner:
         self.scratch_slot = num_blocks * self.block_size
         self.block_tables = BlockTableRows()
         self.graph_decode: GraphDecode | None = None
+        self.constraints: ConstraintRows | None = None  # set by the engine: matchers of constrained requests
 
     @property
     def num_blocks(self) -> int:
@@ -73,6 +75,8 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, plan: SchedulerOutput) -> RunnerOutput:
         self.block_tables.forget(itertools.chain(plan.preempted_ids, plan.finished_ids))
+        if self.constraints is not None:
+            self.constraints.forget(plan.finished_ids)  # a preempted request keeps its matcher: its output stays
         items = plan.requests
         if not items:
             return RunnerOutput()
@@ -100,6 +104,11 @@ class ModelRunner:
         meta.hooks = inspection.hooks
         input_ids = meta.input_ids
         assert input_ids is not None
+        # Constrained rows' masks are computed on a worker thread while the model runs this step.
+        constrained = [
+            (k, items[i].request_id, c) for k, i in enumerate(sampling) if (c := items[i].params.constraint) is not None
+        ]
+        pending = self.constraints.start(constrained) if constrained and self.constraints is not None else None
         if self.graph_decode is not None and self.graph_decode.can_run(meta):
             logits = self.graph_decode.run(meta, input_ids)
         else:
@@ -114,10 +123,19 @@ class ModelRunner:
             out.prompt_logprobs = _score_prompt(items, scoring, logits[len(sampling) :])
         if sampling:
             rows = [items[i] for i in sampling]
-            tokens, logprobs = self._sample(logits[: len(sampling)], rows)
+            sample_logits = logits[: len(sampling)]
+            verdicts = StepVerdicts()
+            if pending is not None:
+                assert self.constraints is not None
+                sample_logits, verdicts.dead = self.constraints.apply(sample_logits, pending)
+            tokens, logprobs = self._sample(sample_logits, rows)
             for item, token in zip(rows, tokens, strict=True):
                 out.sampled_token_ids[item.request_id] = token
             out.logprobs.update(logprobs)
+            if pending is not None:
+                assert self.constraints is not None
+                self.constraints.advance({i: out.sampled_token_ids[i] for i in pending.request_ids}, verdicts)
+                out.constraint_done, out.constraint_dead = verdicts.done, verdicts.dead
         return out
 
     def _attention_rows(

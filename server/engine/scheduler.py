@@ -249,11 +249,22 @@ class Scheduler:
             )
             if item.is_sampling:
                 self._append_token(request, result, delta, now)
-            if delta.new_token_ids or delta.attention or delta.prompt_logprobs or delta.residuals or delta.lens:
+            if (
+                delta.new_token_ids
+                or delta.attention
+                or delta.prompt_logprobs
+                or delta.residuals
+                or delta.lens
+                or delta.finish_reason
+            ):
                 deltas.append(delta)
         return deltas
 
     def _append_token(self, request: Request, result: RunnerOutput, delta: RequestDelta, now: float) -> None:
+        if request.request_id in result.constraint_dead:  # the sampled token broke no rule only by luck: drop it
+            self._finish(request, FinishReason.CONSTRAINT)
+            delta.finish_reason = FinishReason.CONSTRAINT
+            return
         token = result.sampled_token_ids[request.request_id]
         request.output_token_ids.append(token)
         if request.first_token_time is None:
@@ -262,6 +273,8 @@ class Scheduler:
         if request.request_id in result.logprobs:
             delta.logprobs.append(result.logprobs[request.request_id])
         reason = self._stop_reason(request, token)
+        if reason is None and request.request_id in result.constraint_done:
+            reason = FinishReason.STOP  # the grammar is complete: nothing more may follow
         if reason is not None:
             self._finish(request, reason)
             delta.finish_reason = reason

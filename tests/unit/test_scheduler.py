@@ -323,3 +323,20 @@ def test_prompt_rows_are_reported_once_even_after_preemption() -> None:
     s._preempt(r)  # recompute from scratch: positions 0..7 were already reported
     plan = s.schedule()
     assert plan.requests[0].num_computed_tokens == 0 and plan.requests[0].report_prompt_from == 8
+
+
+def test_constraint_dead_ends_the_request_without_its_token_and_done_stops_it() -> None:
+    s = make()
+    add(s, "dead", 4)
+    add(s, "done", 4)
+    add(s, "free", 4)
+    plan = s.schedule()
+    sampled = {i.request_id: 7 for i in plan.requests if i.is_sampling}
+    out = RunnerOutput(
+        sampled, constraint_done={"done"}, constraint_dead={"dead": "the constraint allows no next token"}
+    )
+    deltas = {d.request_id: d for d in s.update(plan, out)}
+    assert deltas["dead"].finish_reason is FinishReason.CONSTRAINT and deltas["dead"].new_token_ids == []
+    assert deltas["done"].finish_reason is FinishReason.STOP and deltas["done"].new_token_ids == [7]
+    assert deltas["free"].finish_reason is None
+    assert set(s.requests) == {"free"}
