@@ -16,7 +16,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <optional>
 #include <string>
@@ -28,14 +30,60 @@ namespace {
 // pairwise tree: vectorisable without reassociation, and the same order for every row.
 constexpr int64_t kLanes = 16;
 
+// Element i as float. bf16 widens by a shift of its bits, written so that loops over it vectorise
+// (c10::BFloat16's own conversion does not); exact either way.
+inline float widen(const float* p, int64_t i) { return p[i]; }
+inline float widen(const c10::Half* p, int64_t i) { return static_cast<float>(p[i]); }
+inline float widen(const c10::BFloat16* p, int64_t i) {
+  const uint32_t bits = static_cast<uint32_t>(reinterpret_cast<const uint16_t*>(p)[i]) << 16;
+  float out;
+  std::memcpy(&out, &bits, sizeof(out));
+  return out;
+}
+
 template <typename T>
 inline float dot(const float* q, const T* k, int64_t dim) {
   float acc[kLanes] = {0.0f};
   int64_t d = 0;
   for (; d + kLanes <= dim; d += kLanes) {
-    for (int64_t l = 0; l < kLanes; ++l) acc[l] += q[d + l] * static_cast<float>(k[d + l]);
+    for (int64_t l = 0; l < kLanes; ++l) acc[l] += q[d + l] * widen(k, d + l);
   }
-  for (; d < dim; ++d) acc[d % kLanes] += q[d] * static_cast<float>(k[d]);
+  for (; d < dim; ++d) acc[d % kLanes] += q[d] * widen(k, d);
+  for (int64_t width = kLanes / 2; width > 0; width /= 2) {
+    for (int64_t l = 0; l < width; ++l) acc[l] += acc[l + width];
+  }
+  return acc[0];
+}
+
+// exp(x) for x <= 0 (a score minus its row's max), within 2 ulp: a range reduction to
+// [-ln2/2, ln2/2] and a degree-6 polynomial, written as plain arithmetic so the compiler
+// vectorises a row's loop (a libm call per score was half the time of a long prefill). The
+// same code for every element, so a score's weight never depends on where it sits.
+inline float exp_nonpositive(float x) {
+  x = std::max(x, -87.0f);  // exp(-87) ~ 1.6e-38: below it the weight is 0 to float precision anyway
+  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
+  const float r = (x - n * 0.693145751953125f) - n * 1.42860682030941723212e-6f;
+  float p = 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;  // 2^n, n in [-126, 0]
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+// A fixed-order sum: kLanes partial sums, then the same pairwise tree as dot().
+inline float lane_sum(const float* x, int64_t n) {
+  float acc[kLanes] = {0.0f};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int64_t l = 0; l < kLanes; ++l) acc[l] += x[i + l];
+  }
+  for (; i < n; ++i) acc[i % kLanes] += x[i];
   for (int64_t width = kLanes / 2; width > 0; width /= 2) {
     for (int64_t l = 0; l < width; ++l) acc[l] += acc[l + width];
   }
@@ -60,47 +108,84 @@ void row_attention_impl(const at::Tensor& q, const at::Tensor& cache, const at::
   O* out_ptr = out.data_ptr<O>();
   const float fscale = static_cast<float>(scale), cap = static_cast<float>(softcap);
 
-  // Rows are independent: any split over threads gives the same bits. Small steps stay on one
-  // thread (a fork costs more than a short row).
+  // Work comes in tiles: up to kTileTokens consecutive tokens of one sequence x the query heads of
+  // one KV head. A tile reads each K and V row once for all its rows (a row at a time re-read the
+  // whole context from memory per row); each row still runs exactly the arithmetic it would run
+  // alone, in the same order, so neither the tiling nor the threads change a bit.
+  constexpr int64_t kTileTokens = 16;
+  std::vector<std::array<int64_t, 3>> tiles;  // (first token, end token, kv head)
+  for (int64_t t = 0; t < num_tokens;) {
+    int64_t end = t + 1;
+    while (end < num_tokens && end - t < kTileTokens && seq_ptr[end] == seq_ptr[t]) ++end;
+    for (int64_t kv = 0; kv < num_kv_heads; ++kv) tiles.push_back({t, end, kv});
+    t = end;
+  }
   int64_t total_ctx = 0;
   for (int64_t t = 0; t < num_tokens; ++t) total_ctx += ctx_ptr[t];
-  const int64_t work_per_row = std::max<int64_t>(1, total_ctx / std::max<int64_t>(1, num_tokens) * dim);
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / work_per_row);
+  const int64_t work_per_tile = std::max<int64_t>(1, total_ctx * group * dim / std::max<int64_t>(1, tiles.size()));
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / work_per_tile);  // short steps stay on one thread
 
-  at::parallel_for(0, num_tokens * num_heads, grain, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores;
-    std::vector<float> qf(dim), acc(dim);
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t t = row / num_heads, h = row % num_heads, kv_head = h / group;
-      O* dst = out_ptr + row * dim;
-      const int64_t stop = ctx_ptr[t];
-      const int64_t start = window > 0 ? std::max<int64_t>(0, stop - window) : 0;
-      if (stop <= start) {  // a padding row sees nothing: zeros
-        for (int64_t d = 0; d < dim; ++d) dst[d] = static_cast<O>(0.0f);
-        continue;
+  at::parallel_for(0, static_cast<int64_t>(tiles.size()), grain, [&](int64_t begin, int64_t end) {
+    const int64_t max_rows = kTileTokens * group;
+    std::vector<float> qf(max_rows * dim), acc(max_rows * dim), row_max(max_rows), total(max_rows);
+    std::vector<int64_t> starts(max_rows), stops(max_rows);
+    std::vector<std::vector<float>> scores(max_rows);
+    for (int64_t index = begin; index < end; ++index) {
+      const auto [t0, t1, kv_head] = tiles[index];
+      const int64_t rows = (t1 - t0) * group;
+      const int32_t* table = table_ptr + static_cast<int64_t>(seq_ptr[t0]) * table_width;
+      int64_t lo = std::numeric_limits<int64_t>::max(), hi = 0;
+      for (int64_t r = 0; r < rows; ++r) {  // row r: token t0 + r / group, head kv_head * group + r % group
+        const int64_t t = t0 + r / group, h = kv_head * group + r % group;
+        stops[r] = ctx_ptr[t];
+        starts[r] = window > 0 ? std::max<int64_t>(0, stops[r] - window) : 0;
+        lo = std::min(lo, starts[r]);
+        hi = std::max(hi, stops[r]);
+        const Q* q_row = q_ptr + (t * num_heads + h) * dim;
+        for (int64_t d = 0; d < dim; ++d) qf[r * dim + d] = widen(q_row, d);
+        scores[r].resize(std::max<int64_t>(0, stops[r] - starts[r]));
+        row_max[r] = -std::numeric_limits<float>::infinity();
       }
-      const Q* q_row = q_ptr + row * dim;
-      for (int64_t d = 0; d < dim; ++d) qf[d] = static_cast<float>(q_row[d]);
-      const int32_t* table = table_ptr + static_cast<int64_t>(seq_ptr[t]) * table_width;
-      scores.resize(stop - start);
-      float row_max = -std::numeric_limits<float>::infinity();
-      for (int64_t p = start; p < stop; ++p) {
-        const int64_t slot = static_cast<int64_t>(table[p / block_size]) * block_size + p % block_size;
-        float s = dot(qf.data(), k_base + (slot * num_kv_heads + kv_head) * dim, dim) * fscale;
-        if (cap > 0.0f) s = cap * std::tanh(s / cap);
-        scores[p - start] = s;
-        row_max = std::max(row_max, s);
+      for (int64_t p = lo; p < hi;) {  // scores, a cache block at a time (one table lookup, no division)
+        const int64_t block = p / block_size, block_end = std::min(hi, (block + 1) * block_size);
+        const int64_t shift = static_cast<int64_t>(table[block]) * block_size - block * block_size;  // slot - p
+        for (; p < block_end; ++p) {
+          const C* k = k_base + ((shift + p) * num_kv_heads + kv_head) * dim;
+          for (int64_t r = 0; r < rows; ++r) {
+            if (p < starts[r] || p >= stops[r]) continue;
+            float s = dot(&qf[r * dim], k, dim) * fscale;
+            if (cap > 0.0f) s = cap * std::tanh(s / cap);
+            scores[r][p - starts[r]] = s;
+            row_max[r] = std::max(row_max[r], s);
+          }
+        }
       }
-      float total = 0.0f;
-      std::fill(acc.begin(), acc.end(), 0.0f);
-      for (int64_t p = start; p < stop; ++p) {
-        const float w = std::exp(scores[p - start] - row_max);
-        total += w;
-        const int64_t slot = static_cast<int64_t>(table[p / block_size]) * block_size + p % block_size;
-        const C* v = v_base + (slot * num_kv_heads + kv_head) * dim;
-        for (int64_t d = 0; d < dim; ++d) acc[d] += w * static_cast<float>(v[d]);
+      for (int64_t r = 0; r < rows; ++r) {  // softmax numerators and their sum, per row
+        float* w = scores[r].data();
+        const int64_t count = static_cast<int64_t>(scores[r].size());
+        for (int64_t i = 0; i < count; ++i) w[i] = exp_nonpositive(w[i] - row_max[r]);  // vectorised
+        total[r] = lane_sum(w, count);
       }
-      for (int64_t d = 0; d < dim; ++d) dst[d] = static_cast<O>(acc[d] / total);
+      std::fill(acc.begin(), acc.begin() + rows * dim, 0.0f);
+      for (int64_t p = lo; p < hi;) {  // the weighted sum of V rows, in position order per row
+        const int64_t block = p / block_size, block_end = std::min(hi, (block + 1) * block_size);
+        const int64_t shift = static_cast<int64_t>(table[block]) * block_size - block * block_size;
+        for (; p < block_end; ++p) {
+          const C* v = v_base + ((shift + p) * num_kv_heads + kv_head) * dim;
+          for (int64_t r = 0; r < rows; ++r) {
+            if (p < starts[r] || p >= stops[r]) continue;
+            const float weight = scores[r][p - starts[r]];
+            float* a = &acc[r * dim];
+            for (int64_t d = 0; d < dim; ++d) a[d] += weight * widen(v, d);
+          }
+        }
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t t = t0 + r / group, h = kv_head * group + r % group;
+        O* dst = out_ptr + (t * num_heads + h) * dim;
+        const bool empty = stops[r] <= starts[r];  // a padding row sees nothing: zeros
+        for (int64_t d = 0; d < dim; ++d) dst[d] = static_cast<O>(empty ? 0.0f : acc[r * dim + d] / total[r]);
+      }
     }
   });
 }

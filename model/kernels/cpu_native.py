@@ -69,7 +69,9 @@ def load() -> bool:
         cpp_extension.load(
             name=f"attnserve_cpu_native_{isa}",
             sources=[str(SOURCE)],
-            extra_cflags=["-O3", "-fno-math-errno", *flags],
+            # -fopenmp: at::parallel_for is inline and splits work only where OpenMP is compiled in.
+            extra_cflags=["-O3", "-fno-math-errno", "-fopenmp", *flags],
+            extra_ldflags=["-fopenmp"],
             build_directory=str(build_dir),
             is_python_module=False,
             verbose=False,
