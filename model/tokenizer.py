@@ -149,18 +149,7 @@ class Tokenizer:
         backend.add_tokens(
             [AddedToken(t, normalized=False) for t, k in zip(tokens, types, strict=True) if k == _GGUF_USER_DEFINED]
         )
-        bos = meta.get("tokenizer.ggml.bos_token_id")
-        if meta.get("tokenizer.ggml.add_bos_token") and bos is not None:
-            backend.post_processor = processors.TemplateProcessing(
-                single=f"{tokens[bos]}:0 $A:0", pair=f"{tokens[bos]}:0 $A:0 $B:1", special_tokens=[(tokens[bos], bos)]
-            )
-        eos = meta.get("tokenizer.ggml.eos_token_id")
-        return cls(
-            backend,
-            bos_token_id=bos,
-            eos_token_ids=() if eos is None else (int(eos),),
-            chat_template=meta.get("tokenizer.chat_template"),
-        )
+        return cls._from_gguf_backend(backend, meta, tokens, add_bos_default=False)
 
     @classmethod
     def _from_gguf_sentencepiece(cls, meta: Mapping[str, Any]) -> Tokenizer:
@@ -184,8 +173,15 @@ class Tokenizer:
         specials = [AddedToken(t, special=True, normalized=False) for t, k in typed if k == _GGUF_CONTROL]
         backend.add_special_tokens(specials)
         backend.add_tokens([AddedToken(t, normalized=False) for t, k in typed if k == _GGUF_USER_DEFINED])
+        return cls._from_gguf_backend(backend, meta, tokens, add_bos_default=True)  # llama.cpp's default for spm
+
+    @classmethod
+    def _from_gguf_backend(
+        cls, backend: Backend, meta: Mapping[str, Any], tokens: list[str], *, add_bos_default: bool
+    ) -> Tokenizer:
+        """The BOS a GGUF asks for, its EOS and its chat template, around a built vocabulary."""
         bos = meta.get("tokenizer.ggml.bos_token_id")
-        if meta.get("tokenizer.ggml.add_bos_token", True) and bos is not None:  # llama.cpp's default for spm
+        if meta.get("tokenizer.ggml.add_bos_token", add_bos_default) and bos is not None:
             backend.post_processor = processors.TemplateProcessing(
                 single=f"{tokens[bos]}:0 $A:0", pair=f"{tokens[bos]}:0 $A:0 $B:1", special_tokens=[(tokens[bos], bos)]
             )
