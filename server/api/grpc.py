@@ -8,9 +8,11 @@ messages, and maps each error kind to a status.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import re
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Sequence
 from dataclasses import replace
 
 import grpc
@@ -271,6 +273,16 @@ def _finish(message: pb.Completion | pb.GenerateStreamResponse, reason: FinishRe
         message.stop_token_id = stop
 
 
+def _close_if_cancelled(context: grpc.aio.ServicerContext, deltas: AsyncGenerator[CompletionDelta, None]) -> None:
+    """A cancelled call's generator, closed now. gRPC cancels the task that reads the handler; a
+    generator suspended at a ``yield`` (its delta being written) is then only closed when garbage
+    collection reaches it, which can take many seconds: its requests would run on, unlogged."""
+    if not context.cancelled() or deltas.ag_running:  # running: the cancel reaches it inside, as CancelledError
+        return
+    with contextlib.suppress(RuntimeError):  # called off the event loop: garbage collection will close it
+        asyncio.get_running_loop().create_task(deltas.aclose())
+
+
 def stream_messages(delta: CompletionDelta, max_bytes: int) -> Iterator[pb.GenerateStreamResponse]:
     """One delta as stream messages, each under ``max_bytes``: attention rows (and prompt logprobs)
     go out in as many messages as they need; tokens, text and the finish fields ride on the last."""
@@ -477,9 +489,9 @@ class GeneratorServicer(pb_grpc.GeneratorServiceServicer):
     ) -> AsyncIterator[CompletionDelta]:
         try:
             checked = replace(generation_request(request), caller=context.peer())
-            async for delta in self.service.generate(
-                checked, timeout_s=context.time_remaining(), whole_response=whole_response
-            ):
+            deltas = self.service.generate(checked, timeout_s=context.time_remaining(), whole_response=whole_response)
+            context.add_done_callback(lambda ctx: _close_if_cancelled(ctx, deltas))
+            async for delta in deltas:
                 yield delta
         except ServiceError as error:
             await abort_with(context, error)

@@ -159,7 +159,8 @@ class GenerationService:
                     outcome.record(delta)
                     _raise_if_cut_short(request_id, delta.output)
                     yield delta
-        except asyncio.CancelledError:  # the client went away: leaving the streams aborted the request
+        except (asyncio.CancelledError, GeneratorExit):  # the client went away: the streams are aborted
+            # (GeneratorExit: cancelled while this generator waited at a yield, then closed by the door.)
             # gRPC cancels the handler when the client's deadline passes: that is a deadline, not a cancel.
             late = timeout_s is not None and time.monotonic() - started >= timeout_s - DEADLINE_SLACK_S
             outcome.log("DEADLINE_EXCEEDED" if late else "CANCELLED")
