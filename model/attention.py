@@ -88,7 +88,7 @@ class AttentionMetadata:
     input_ids: torch.Tensor | None = None  # (T,) the step's tokens, when build() was given them
     # CPU: every row through the row-exact sparse path (see the module docstring).
     batch_invariant: bool = True
-    # The native row kernel's arguments (CPU, batch-invariant): every sequence's block table
+    # The native row kernel's arguments (CPU, batch-invariant, kernels built): every sequence's block table
     # (S, W) int32, each row's sequence (T,) int32 and how many positions it sees (T,) int64.
     row_tables: torch.Tensor | None = None
     row_seqs: torch.Tensor | None = None
@@ -147,7 +147,8 @@ class AttentionMetadata:
         upload = _Upload(device)
         decode_tables = upload.table(block_tables, seq_lens, decode_seqs, block_size, table_rows)
         prefill_tables = upload.table(block_tables, seq_lens, prefill_seqs, block_size, table_rows)
-        native_rows = batch_invariant and torch.device(device).type == "cpu"
+        # Decided once per step: every layer asks native_rows(meta), which reads it from row_tables.
+        native_rows = batch_invariant and torch.device(device).type == "cpu" and cpu_native.available()
         if native_rows:
             all_tables = upload.table(block_tables, seq_lens, list(range(len(seq_lens))), block_size, table_rows)
         fields = {
@@ -339,8 +340,9 @@ def write_kv(layer_cache: torch.Tensor, slot_mapping: torch.Tensor, kv: torch.Te
 
 
 def native_rows(meta: AttentionMetadata) -> bool:
-    """Whether this step's CPU rows run on the native kernels (model/kernels/cpu_native.py)."""
-    return meta.row_tables is not None and cpu_native.available()
+    """Whether this step's CPU rows run on the native kernels (model/kernels/cpu_native.py): build()
+    gives their arguments exactly when they do."""
+    return meta.row_tables is not None
 
 
 def paged_attention(

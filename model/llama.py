@@ -249,7 +249,7 @@ class LlamaForCausalLM(nn.Module):
 
     def logit_lens(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits (float32) that the final norm and the unembedding make of residual rows (n, hidden)."""
-        x = self.norm(hidden.to(self.dtype).contiguous())
+        x = self.norm(hidden if hidden.dtype == self.dtype else hidden.to(self.dtype))
         if self.lm_head is not None:
             logits = self.lm_head(x).float()
         elif self._packed_head is not None:
