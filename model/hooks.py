@@ -42,9 +42,11 @@ class LayerHooks:
     def steers(self, point: str) -> bool:
         return point in self.steering
 
-    def scale_heads(self, out: torch.Tensor) -> torch.Tensor:
-        """out (T, H, D): the chosen rows' heads multiplied by their factors (0: ablated)."""
+    def scale_heads(self, out: torch.Tensor, first_head: int = 0) -> torch.Tensor:
+        """out (T, H, D): the chosen rows' heads multiplied by their factors (0: ablated). Under tensor
+        parallelism ``out`` holds the heads from ``first_head`` on, of the factors' whole-model heads."""
         if self.head_scales is not None:
             rows, factors = self.head_scales
+            factors = factors[:, first_head : first_head + out.shape[1]]
             out[rows] = out[rows] * factors[:, :, None].to(out.dtype)
         return out

@@ -49,7 +49,7 @@ class KVCache:
         """A cache for ``model`` on its device, in the dtype its attention path reads (kv_cache_dtype)."""
         dtype = kv_cache_dtype(model.dtype, model.device, batch_invariant=batch_invariant)
         return cls.allocate(
-            model.config, num_blocks=num_blocks, block_size=block_size, dtype=dtype, device=model.device
+            model.local_config, num_blocks=num_blocks, block_size=block_size, dtype=dtype, device=model.device
         )
 
     @property

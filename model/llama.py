@@ -23,6 +23,7 @@ from attnserve.model.kernels import cpu_native
 from attnserve.model.kv_cache import KVCache
 from attnserve.model.moe import MoEShard, SparseMoE, moe_param_for
 from attnserve.model.packed import Linear, PackedWeight
+from attnserve.model.parallel import TensorParallel
 from attnserve.model.rope import RotaryEmbedding, rotate_in_place
 
 
@@ -50,9 +51,13 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, config: ModelConfig, layer_index: int) -> None:
+    """Under tensor parallelism ``config`` is the rank's shard (its heads) and O is row-parallel."""
+
+    def __init__(self, config: ModelConfig, layer_index: int, tp: TensorParallel) -> None:
         super().__init__()
         self.layer_index = layer_index
+        self.tp = tp
+        self.first_head = tp.rank * config.num_heads  # this rank's heads, as the hooks number them
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, config.head_dim
         self.q_size, self.kv_size = config.q_size, config.kv_size
         self.scale = config.attention_scale or config.head_dim**-0.5
@@ -114,8 +119,8 @@ class Attention(nn.Module):
         )
         hooks = meta.hooks.get(self.layer_index) if meta.hooks else None
         if hooks is not None:
-            out = hooks.scale_heads(out)
-        return self.o_proj(out.reshape(num_tokens, self.q_size))
+            out = hooks.scale_heads(out, first_head=self.first_head)
+        return self.tp.all_reduce(self.o_proj(out.reshape(num_tokens, self.q_size)))
 
     def _qk_heads(self, qkv: torch.Tensor) -> torch.Tensor:
         """(T, H + Hkv, D): the query and key heads of the projections, a view."""
@@ -124,10 +129,13 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
+    """Under tensor parallelism ``config`` is the rank's shard (its columns) and down is row-parallel."""
+
     native = False  # set by prepare_for_inference() where the native CPU kernels run
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, tp: TensorParallel) -> None:
         super().__init__()
+        self.tp = tp
         self.intermediate_size = config.intermediate_size
         self.gelu = config.hidden_act != "silu"
         self.act = partial(F.gelu, approximate="tanh") if self.gelu else F.silu
@@ -136,23 +144,25 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.native:  # act(gate) * up in one op
-            return self.down_proj(torch.ops.attnserve.gated_act(self.gate_up_proj(x), self.gelu))
-        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
-        return self.down_proj(self.act(gate) * up)
+            hidden = torch.ops.attnserve.gated_act(self.gate_up_proj(x), self.gelu)
+        else:
+            gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
+            hidden = self.act(gate) * up
+        return self.tp.all_reduce(self.down_proj(hidden))
 
 
 class DecoderLayer(nn.Module):
     """Pre-norm blocks (Llama: ``post_attention_layernorm`` is the MLP's input norm), or with
     ``sandwich_norms`` (Gemma) a norm on each block's input and on its output."""
 
-    def __init__(self, config: ModelConfig, layer_index: int) -> None:
+    def __init__(self, config: ModelConfig, layer_index: int, tp: TensorParallel) -> None:
         super().__init__()
         self.layer_index = layer_index
         norm = partial(RMSNorm, config.hidden_size, config.rms_norm_eps, config.norm_offset)
         self.input_layernorm = norm()
-        self.self_attn = Attention(config, layer_index)
+        self.self_attn = Attention(config, layer_index, tp)
         self.post_attention_layernorm = norm()
-        self.mlp: nn.Module = SparseMoE(config) if config.num_experts else MLP(config)
+        self.mlp: nn.Module = SparseMoE(config, tp) if config.num_experts else MLP(config, tp)
         self.sandwich = config.sandwich_norms
         if self.sandwich:
             self.pre_feedforward_layernorm = norm()
@@ -199,17 +209,26 @@ _FUSED_SHARDS = {
 
 
 class LlamaForCausalLM(nn.Module):
-    """Decoder-only LM. ``forward(input_ids, positions, kv_cache, attn_metadata) -> logits``."""
+    """Decoder-only LM. ``forward(input_ids, positions, kv_cache, attn_metadata) -> logits``.
+
+    With ``tp`` of size N (model/parallel.py) it is one rank's shard: ``config`` stays the whole
+    model's, ``local_config`` has the rank's heads and columns (its layers and KV cache are built
+    from it), and every rank runs the same forward, meeting the others at the collectives.
+    """
 
     _packed_head: PackedWeight | None = None  # the tied head, packed by prepare_for_inference()
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, tp: TensorParallel | None = None) -> None:
         super().__init__()
+        self.tp = tp = tp or TensorParallel()
+        tp.check(config)
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
+        self.local_config = local = tp.local_config(config)
+        vocab_rows = tp.vocab_rows(config.vocab_size)[1]
+        self.embed_tokens = nn.Embedding(vocab_rows, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(local, i, tp) for i in range(config.num_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.norm_offset)
-        self.lm_head = None if config.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = None if config.tie_word_embeddings else Linear(config.hidden_size, vocab_rows, bias=False)
         self.rotary = RotaryEmbedding(config)
         # Gemma 3: sliding layers rotate with their own, unscaled base.
         local = config.rope_local_theta
@@ -235,7 +254,7 @@ class LlamaForCausalLM(nn.Module):
         For the rows asked in ``attn_metadata.attention_requests``, the queries are kept in
         ``attn_metadata.captured_queries``; :meth:`attention_weights` turns them into weights.
         """
-        x = self.embed_tokens(input_ids)  # (T, hidden)
+        x = self.embed(input_ids)  # (T, hidden)
         if self.config.scale_embeddings:  # by sqrt(hidden) rounded to the model's dtype, as Gemma does
             x = x * torch.tensor(self.config.hidden_size**0.5, dtype=x.dtype)
         cos, sin = self.rotary(positions, x.dtype)
@@ -247,6 +266,17 @@ class LlamaForCausalLM(nn.Module):
             x = x[attn_metadata.logits_indices]
         return self.logit_lens(x)  # the last layer's lens is the model's own logits (rows, vocab)
 
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(T, hidden) embeddings; under tensor parallelism each rank looks up the ids in its vocabulary
+        rows (zeros for the rest) and the sum over ranks is the embedding, exactly."""
+        if not self.tp.enabled:
+            return self.embed_tokens(input_ids)
+        start, rows = self.tp.vocab_rows(self.config.vocab_size)
+        local = input_ids - start
+        outside = (local < 0) | (local >= rows)
+        x = self.embed_tokens(local.masked_fill(outside, 0)).masked_fill(outside[:, None], 0)
+        return self.tp.all_reduce(x)
+
     def logit_lens(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits (float32) that the final norm and the unembedding make of residual rows (n, hidden)."""
         x = self.norm(hidden if hidden.dtype == self.dtype else hidden.to(self.dtype))
@@ -256,6 +286,8 @@ class LlamaForCausalLM(nn.Module):
             logits = self._packed_head(x).float()
         else:
             logits = F.linear(x, self.embed_tokens.weight).float()
+        if self.tp.enabled:  # each rank's vocabulary rows, in rank order, the padding cut off
+            logits = self.tp.all_gather(logits, dim=-1)[:, : self.config.vocab_size]
         cap = self.config.final_logit_softcap
         return logits if cap is None else torch.tanh(logits / cap) * cap
 
@@ -263,9 +295,10 @@ class LlamaForCausalLM(nn.Module):
         self, meta: AttentionMetadata, kv_cache: KVCache, *, seq: int, layer: int
     ) -> tuple[int, torch.Tensor]:
         """After a forward: (first position, weights (H, n, first + n) float32) of the rows the
-        metadata asked for, sequence ``seq`` at layer ``layer``, read from the paged cache."""
+        metadata asked for, sequence ``seq`` at layer ``layer``, read from the paged cache (every
+        head: under tensor parallelism, gathered from the ranks that hold them)."""
         attention = self.layers[layer].self_attn
-        return captured_attention_weights(
+        first, weights = captured_attention_weights(
             meta,
             kv_cache.layers[layer],
             seq=seq,
@@ -274,6 +307,7 @@ class LlamaForCausalLM(nn.Module):
             window=attention.window,
             softcap=attention.softcap,
         )
+        return first, self.tp.all_gather(weights, dim=0)
 
     def prepare_for_inference(self) -> LlamaForCausalLM:
         """Re-pack weights into the fastest layout for this device and dtype; call after loading."""
@@ -321,6 +355,7 @@ class LlamaForCausalLM(nn.Module):
             if param_name not in params:
                 raise ModelLoadError(f"checkpoint tensor {hf_name} has no place in a {self.config.architecture} model")
             dest = self._shard_view(params[param_name], param_name, shard)
+            tensor = self._rank_slice(param_name, shard, tensor)
             if tuple(dest.shape) != tuple(tensor.shape):
                 raise ModelLoadError(
                     f"{hf_name}: checkpoint shape {tuple(tensor.shape)} != model shape {tuple(dest.shape)} "
@@ -365,14 +400,51 @@ class LlamaForCausalLM(nn.Module):
             layer = self.layers[int(name.split(".")[1])]
             assert isinstance(layer.mlp, SparseMoE)
             return layer.mlp.expert_view(name, shard)
-        c = self.config
+        c = self.local_config
         sizes = [c.q_size, c.kv_size, c.kv_size] if "qkv_proj" in name else [c.intermediate_size] * 2
         start = sum(sizes[:shard])
         return param.narrow(0, start, sizes[shard])
 
+    def _rank_slice(self, name: str, shard: int | MoEShard | None, tensor: torch.Tensor) -> torch.Tensor:
+        """This rank's part of a whole-model tensor bound for parameter ``name`` (``shard``: the
+        section of a fused parameter it fills; None: the whole parameter). Identity at TP=1."""
+        tp, c = self.tp, self.config
+        if not tp.enabled:
+            return tensor
+        if name in ("embed_tokens.weight", "lm_head.weight"):
+            start, rows = tp.vocab_rows(c.vocab_size)
+            part = tensor[start : start + rows]
+            return torch.cat([part, part.new_zeros(rows - part.shape[0], *part.shape[1:])])
+        d = c.head_dim
+        heads, kv_heads = tp.part(c.num_heads), tp.kv_heads(c)
+        columns = tp.part(c.intermediate_size)
+        if "qkv_proj" in name:  # rows: q | k | v, each cut to this rank's heads
+            ranges = [(heads[0] * d, heads[1] * d)] + [(kv_heads[0] * d, kv_heads[1] * d)] * 2
+            return _sections(tensor, 0, [c.q_size, c.kv_size, c.kv_size], ranges, shard)
+        if "gate_up_proj" in name:
+            return _sections(tensor, 0, [c.intermediate_size] * 2, [columns] * 2, shard)
+        if name.endswith("o_proj.weight"):
+            return tensor.narrow(1, heads[0] * d, heads[1] * d)
+        if name.endswith("down_proj.weight"):
+            return tensor.narrow(1, *columns)
+        if name.endswith("mlp.gate_up") or name.endswith("mlp.down"):
+            expert_columns = tp.part(c.expert_intermediate_size)
+            if isinstance(shard, tuple):  # one expert's (I, h) gate or up, or its (h, I) down
+                return tensor.narrow(1 if name.endswith("down") else 0, *expert_columns)
+            if name.endswith("down"):  # (E, h, I)
+                return tensor.narrow(2, *expert_columns)
+            return _sections(tensor, 1, [c.expert_intermediate_size] * 2, [expert_columns] * 2, None)
+        return tensor  # norms, the router, biases of replicated layers: every rank holds them whole
+
     def init_random(self, seed: int = 0, std: float = 0.02) -> None:
-        """Random weights (dummy models): normal(0, std) matrices, unit norms."""
+        """Random weights (dummy models): normal(0, std) matrices, unit norms.
+
+        The whole model's tensors are drawn one at a time, in one order, and each rank keeps its
+        part: every tensor-parallel size holds the same model.
+        """
         gen = torch.Generator().manual_seed(seed)
+        with torch.device("meta"):
+            whole = dict(LlamaForCausalLM(self.config).named_parameters())
         with torch.no_grad():
             for name, param in self.named_parameters():
                 if name.endswith("norm.weight"):
@@ -380,4 +452,20 @@ class LlamaForCausalLM(nn.Module):
                 elif name.endswith(".bias"):
                     param.zero_()
                 else:
-                    param.copy_(torch.randn(param.shape, generator=gen) * std)
+                    drawn = torch.randn(whole[name].shape, generator=gen) * std
+                    param.copy_(self._rank_slice(name, None, drawn))
+
+
+def _sections(
+    tensor: torch.Tensor,
+    dim: int,
+    sizes: list[int],
+    ranges: list[tuple[int, int]],
+    shard: int | MoEShard | None,
+) -> torch.Tensor:
+    """The rank's rows of a fused tensor's sections: section ``shard`` alone, or (None) every section
+    of the whole fused tensor, each cut to its (start, length) and put back together."""
+    if isinstance(shard, int):
+        return tensor.narrow(dim, *ranges[shard])
+    parts = tensor.split(sizes, dim=dim)
+    return torch.cat([part.narrow(dim, *r) for part, r in zip(parts, ranges, strict=True)], dim=dim)

@@ -17,6 +17,7 @@ from attnserve.model.errors import ModelLoadError
 from attnserve.model.gguf_file import GGUFFile
 from attnserve.model.hf_folder import generation_defaults, safetensors_weights
 from attnserve.model.llama import LlamaForCausalLM
+from attnserve.model.parallel import TensorParallel
 from attnserve.model.tokenizer import Tokenizer
 
 DUMMY_PREFIX = "dummy:"
@@ -72,14 +73,23 @@ def parse_dtype(name: str) -> torch.dtype:
 
 
 def load_model(
-    source: str | Path, *, device: torch.device | str = "cpu", dtype: torch.dtype | None = None, seed: int = 0
+    source: str | Path,
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+    seed: int = 0,
+    tp: TensorParallel | None = None,
 ) -> LoadedModel:
-    """Load weights and tokenizer. Raises ModelLoadError with a one-line reason."""
+    """Load weights and tokenizer. Raises ModelLoadError with a one-line reason.
+
+    With ``tp`` this process holds one rank's shard: checkpoint tensors are read one at a time and
+    cut to the rank's part as they are copied in, so no rank ever holds the whole model.
+    """
     dtype = dtype or default_dtype(device)
     text = str(source)
     if text.startswith(DUMMY_PREFIX):
         config = named_config(text[len(DUMMY_PREFIX) :])
-        model = _build(config, device, torch.float32)
+        model = _build(config, device, torch.float32, tp)
         model.init_random(seed=seed)
         model = model.to(dtype).prepare_for_inference()
         return LoadedModel(config, model, Tokenizer.byte_level(config.vocab_size), text)
@@ -100,15 +110,17 @@ def load_model(
         weights = gguf.weights(config)
     else:
         raise ModelLoadError(f"{path} is neither a Hugging Face model folder nor a .gguf file")
-    model = _build(config, device, dtype)
+    model = _build(config, device, dtype, tp)
     model.load_weights((name, t.to(dtype)) for name, t in weights)
     return LoadedModel(config, model.prepare_for_inference(), tokenizer, str(path), defaults)
 
 
-def _build(config: ModelConfig, device: torch.device | str, dtype: torch.dtype) -> LlamaForCausalLM:
+def _build(
+    config: ModelConfig, device: torch.device | str, dtype: torch.dtype, tp: TensorParallel | None
+) -> LlamaForCausalLM:
     # Build on the meta device, then allocate uninitialised storage: no time spent
     # on a random init that the checkpoint overwrites.
     with torch.device("meta"):
-        model = LlamaForCausalLM(config)
+        model = LlamaForCausalLM(config, tp)
     model = model.to_empty(device=device).to(dtype)
     return model.eval().requires_grad_(False)

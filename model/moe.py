@@ -17,6 +17,7 @@ from torch import nn
 
 from attnserve.model.config import ModelConfig
 from attnserve.model.packed import Linear, PackedWeight
+from attnserve.model.parallel import TensorParallel
 
 # Checkpoint names below "model.layers.N." -> (our parameter, shard): fused 3-D expert tensors
 # (transformers 5), or one matrix per expert (the published Mixtral / Qwen3-MoE files).
@@ -44,8 +45,12 @@ def moe_param_for(rest: str) -> tuple[str, MoEShard | None] | None:
 
 
 class SparseMoE(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+    """Under tensor parallelism ``config`` is the rank's shard: every expert's columns are split
+    (the router is whole on every rank) and the routed sum is all-reduced, like a dense MLP's."""
+
+    def __init__(self, config: ModelConfig, tp: TensorParallel | None = None) -> None:
         super().__init__()
+        self.tp = tp or TensorParallel()
         e, h, i = config.num_experts, config.hidden_size, config.expert_intermediate_size
         self.num_experts, self.top_k, self.intermediate = e, config.num_experts_per_tok, i
         self.normalize = config.norm_topk_prob
@@ -96,4 +101,4 @@ class SparseMoE(nn.Module):
         routed = torch.cat(outputs) * weights.flatten()[order][:, None]
         out = torch.zeros_like(x)
         # index_add_ adds each token's outputs in the order given: by expert, as transformers does.
-        return out.index_add_(0, token, routed)
+        return self.tp.all_reduce(out.index_add_(0, token, routed))

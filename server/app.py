@@ -3,12 +3,16 @@
 Lifecycle: health NOT_SERVING -> load and warm up (one real forward) -> SERVING.
 SIGTERM/SIGINT: NOT_SERVING, new calls refused with UNAVAILABLE, in-flight
 requests get --shutdown-timeout seconds to finish, then the process exits 0.
+Under tensor parallelism a rank that dies takes the server to NOT_SERVING and the
+process exits 1 at once (the group cannot go on without it; the supervisor restarts it).
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import os
 import signal
 import sys
 import time
@@ -29,13 +33,16 @@ from attnserve.server.metrics import Metrics
 from attnserve.v1 import generate_pb2, generate_pb2_grpc
 
 if TYPE_CHECKING:
-    from attnserve.server.engine.core import Engine
+    from attnserve.model.parallel import TensorParallel
+    from attnserve.server.engine.core import Engine, RunnerFactory
+    from attnserve.server.engine.parallel import RankSpec
     from attnserve.server.http_server import HttpServer
 
 log = logging.getLogger("attnserve")
 SERVICE_NAME = generate_pb2.DESCRIPTOR.services_by_name["GeneratorService"].full_name
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+EXIT_RANK_FAILED = 1
 
 
 class Server:
@@ -53,6 +60,9 @@ class Server:
         self._serving = False
         self._draining = False
         self._stalled = False
+        self.rank_failure = asyncio.Event()  # set when a tensor-parallel rank died: serve() ends the process
+        self.rank_failure_reason = ""
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def set_health(self, status: int) -> None:
         self._serving = status == SERVING
@@ -62,6 +72,7 @@ class Server:
     async def start(self) -> None:
         """Bind ports (health answers NOT_SERVING at once), then load, warm up and go SERVING."""
         c = self.config
+        self._loop = asyncio.get_running_loop()
         self.metrics_port = self.metrics.serve(c.metrics_host, c.metrics_port)
         await self._start_grpc()
         if c.http_port is not None:
@@ -136,7 +147,36 @@ class Server:
 
         c = self.config
         dtype = parse_dtype(c.dtype) if c.dtype else None
-        return build_engine(lambda: load_model(c.model, device=c.device, dtype=dtype), c.engine).start()
+        tp, runner_factory = self._join_ranks()
+        load = functools.partial(load_model, c.model, device=c.device, dtype=dtype, tp=tp)
+        return build_engine(load, c.engine, runner_factory).start()
+
+    def _join_ranks(self) -> tuple[TensorParallel | None, RunnerFactory]:
+        """Tensor parallelism: start the workers and join them as rank 0 (else: one device, as ever)."""
+        from attnserve.server.engine.parallel import DrivingRunner, start_driver
+        from attnserve.server.engine.runner import ModelRunner
+
+        if self.config.parallel.tensor_parallel_size == 1:
+            return None, ModelRunner
+        tp, group = start_driver(rank_spec(self.config), on_failure=self.report_rank_failure)
+        return tp, functools.partial(DrivingRunner, group=group)
+
+    def report_rank_failure(self, reason: str) -> None:
+        """Called from any thread: a rank is gone; serve() takes the server down."""
+        log.critical("%s", reason)
+        if self._loop is not None and not self.rank_failure.is_set():
+            self.rank_failure_reason = reason
+            self._loop.call_soon_threadsafe(self.rank_failure.set)
+
+    async def fail_fast(self) -> None:
+        """NOT_SERVING, calls refused, no drain: the model cannot run without the lost rank."""
+        self._draining = True
+        if self.engine is not None:
+            self.engine.stop_accepting()
+        await self.set_health(NOT_SERVING)
+        log.critical("NOT_SERVING: exiting with code %d (%s)", EXIT_RANK_FAILED, self.rank_failure_reason)
+        if self.grpc_server is not None:
+            await self.grpc_server.stop(grace=1.0)  # health watchers and open streams hear it first
 
     async def _warm_up(self) -> None:
         assert self.engine is not None
@@ -184,17 +224,21 @@ async def serve(config: ServerConfig) -> int:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    failed = asyncio.create_task(server.rank_failure.wait())
     try:
         starting = asyncio.create_task(server.start())
         waiter = asyncio.create_task(stop.wait())
-        done, _ = await asyncio.wait({starting, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait({starting, waiter, failed}, return_when=asyncio.FIRST_COMPLETED)
         if starting in done:
             starting.result()  # raise start-up errors
             watcher = asyncio.create_task(server.watch_progress())
-            await stop.wait()
+            await asyncio.wait({waiter, failed}, return_when=asyncio.FIRST_COMPLETED)
             watcher.cancel()
         else:
             starting.cancel()
+        if failed.done():
+            await server.fail_fast()
+            return EXIT_RANK_FAILED
     except ModelLoadError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -205,7 +249,27 @@ async def serve(config: ServerConfig) -> int:
     return 0
 
 
+def rank_spec(config: ServerConfig) -> RankSpec:
+    """What each tensor-parallel rank needs to build its shard, from the server's flags."""
+    from attnserve.server.engine.parallel import RankSpec, free_port
+
+    p = config.parallel
+    port = p.master_port or (free_port() if p.nnodes == 1 else 29500)
+    engine = config.engine
+    return RankSpec(
+        config.model, config.device, config.dtype, engine.cache, engine.batch_invariant, p, port, config.log_level
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     config = parse_config(argv)
     logging.basicConfig(level=config.log_level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    return asyncio.run(serve(config))
+    if config.parallel.node_rank > 0:  # a worker node: its ranks only, no doors
+        from attnserve.server.engine.parallel import run_worker_node
+
+        return run_worker_node(rank_spec(config))
+    code = asyncio.run(serve(config))
+    if code == EXIT_RANK_FAILED:  # threads blocked on the lost rank must not hold the exit
+        logging.shutdown()
+        os._exit(code)
+    return code

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from attnserve.model.fetch import default_model_path
 from attnserve.server.api.validation import RequestLimits, SamplingDefaults
-from attnserve.server.engine.config import CacheConfig, EngineConfig, SchedulerConfig, StreamConfig
+from attnserve.server.engine.config import CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig, StreamConfig
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
 _UNITS = {
@@ -73,6 +73,7 @@ class ServerConfig:
     # Sampling defaults set by flags: they win over the model's generation_config.json.
     sampling_defaults: dict[str, float] = field(default_factory=dict)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def __post_init__(self) -> None:
         for name in ("port", "metrics_port", "http_port"):
@@ -87,7 +88,7 @@ class ServerConfig:
 
 
 _SERVER, _LIMITS, _DEFAULTS = ServerConfig(model=""), RequestLimits(), SamplingDefaults()
-_SCHED, _CACHE, _STREAM = SchedulerConfig(), CacheConfig(), StreamConfig()
+_SCHED, _CACHE, _STREAM, _PARALLEL = SchedulerConfig(), CacheConfig(), StreamConfig(), ParallelConfig()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -98,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _process_flags(p.add_argument_group("process"))
     _engine_flags(p.add_argument_group("engine"))
+    _parallel_flags(p.add_argument_group("tensor parallelism (one rank per device; across nodes: as torchrun)"))
     _limit_flags(p.add_argument_group("request limits"))
     _sampling_flags(p.add_argument_group("sampling defaults (unset: the model's generation_config.json, else these)"))
     return p
@@ -195,6 +197,23 @@ def _engine_flags(g: argparse._ArgumentGroup) -> None:
         type=float,
         default=_STREAM.stalled_timeout_s,
         help="seconds a paused request waits for its reader before it is ended",
+    )
+
+
+def _parallel_flags(g: argparse._ArgumentGroup) -> None:
+    g.add_argument(
+        "--tensor-parallel-size",
+        type=int,
+        default=_PARALLEL.tensor_parallel_size,
+        help="split the model across this many ranks (devices): NCCL on CUDA, gloo on CPU (for tests)",
+    )
+    g.add_argument("--nnodes", type=int, default=_PARALLEL.nnodes, help="nodes the ranks are spread over")
+    g.add_argument(
+        "--node-rank", type=int, default=_PARALLEL.node_rank, help="this node's index (0: the one that serves)"
+    )
+    g.add_argument("--master-addr", default=_PARALLEL.master_addr, help="node 0's address, where ranks meet")
+    g.add_argument(
+        "--master-port", type=int, default=None, help="node 0's rendezvous port (default: free on one node, else 29500)"
     )
 
 
@@ -337,6 +356,13 @@ def parse_config(argv: Sequence[str] | None = None, environ: dict[str, str] | No
             limits=_request_limits(a),
             sampling_defaults=defaults,
             engine=_engine_config(a),
+            parallel=ParallelConfig(
+                tensor_parallel_size=a.tensor_parallel_size,
+                nnodes=a.nnodes,
+                node_rank=a.node_rank,
+                master_addr=a.master_addr,
+                master_port=a.master_port,
+            ),
         )
     except ValueError as exc:
         parser.error(str(exc))

@@ -4,6 +4,7 @@ INVALID_ARGUMENT (grpc would answer UNKNOWN and log a traceback)."""
 from __future__ import annotations
 
 import hmac
+import inspect
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -91,6 +92,14 @@ class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):
         kw = {"request_deserializer": tolerant, "response_serializer": handler.response_serializer}
         if handler.unary_stream:
             behavior = handler.unary_stream
+            if not inspect.isasyncgenfunction(behavior):  # a coroutine that writes (health's Watch)
+
+                async def checked_writer(request, context):  # type: ignore[no-untyped-def]
+                    if isinstance(request, _Malformed):
+                        await _refuse(context, details.method, request)
+                    await behavior(request, context)
+
+                return grpc.unary_stream_rpc_method_handler(checked_writer, **kw)
 
             async def checked_stream(request, context):  # type: ignore[no-untyped-def]
                 if isinstance(request, _Malformed):

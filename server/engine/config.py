@@ -80,3 +80,31 @@ class EngineConfig:
     # The names clients may send as `model`; the first is the one reported. Empty: the model's own
     # name (the file or folder stem) and its aliases.
     served_model_names: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    """Tensor parallelism: ``tensor_parallel_size`` ranks, one per device, spread evenly over ``nnodes``
+    nodes. Node 0's first rank runs the scheduler and the doors; every other rank is a worker."""
+
+    tensor_parallel_size: int = 1
+    nnodes: int = 1
+    node_rank: int = 0
+    master_addr: str = "127.0.0.1"  # where rank 0 listens for the others (the leader pod's address)
+    master_port: int | None = None  # None: a free port on one node, 29500 across nodes
+
+    def __post_init__(self) -> None:
+        if self.tensor_parallel_size < 1 or self.nnodes < 1:
+            raise ValueError("tensor_parallel_size and nnodes must be >= 1")
+        if self.tensor_parallel_size % self.nnodes:
+            raise ValueError(
+                f"tensor_parallel_size {self.tensor_parallel_size} must be a multiple of nnodes {self.nnodes}"
+            )
+        if not 0 <= self.node_rank < self.nnodes:
+            raise ValueError(f"node_rank must be in [0, {self.nnodes - 1}], got {self.node_rank}")
+        if self.master_port is not None and not 0 < self.master_port <= 65535:
+            raise ValueError(f"master_port must be in [1, 65535], got {self.master_port}")
+
+    @property
+    def ranks_per_node(self) -> int:
+        return self.tensor_parallel_size // self.nnodes

@@ -38,9 +38,13 @@ from attnserve.server.engine.runner import ModelRunner
 from attnserve.server.engine.scheduler import Scheduler
 
 log = logging.getLogger("attnserve.engine")
+# (model, cache config, batch_invariant=) -> runner: a tensor-parallel server's rank 0 drives its workers.
+RunnerFactory = Callable[..., ModelRunner]
 
 
-def build_engine(load: Callable[[], LoadedModel], config: EngineConfig) -> Engine:
+def build_engine(
+    load: Callable[[], LoadedModel], config: EngineConfig, runner_factory: RunnerFactory = ModelRunner
+) -> Engine:
     """Load the model and build the engine in a thread that then exits; the caller starts it.
 
     Why a thread of its own: torch's CPU thread pool is libgomp's, which keeps its workers
@@ -54,7 +58,7 @@ def build_engine(load: Callable[[], LoadedModel], config: EngineConfig) -> Engin
 
     def body() -> None:
         try:
-            built.append(Engine(load(), config))
+            built.append(Engine(load(), config, runner_factory))
         except BaseException as exc:  # re-raised in the caller's thread
             failed.append(exc)
 
@@ -118,11 +122,13 @@ class RequestStream:
 
 
 class Engine:
-    def __init__(self, loaded: LoadedModel, config: EngineConfig | None = None) -> None:
+    def __init__(
+        self, loaded: LoadedModel, config: EngineConfig | None = None, runner_factory: RunnerFactory = ModelRunner
+    ) -> None:
         config = config or EngineConfig()
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
-        self.runner = ModelRunner(loaded.model, config.cache, batch_invariant=config.batch_invariant)
+        self.runner = runner_factory(loaded.model, config.cache, batch_invariant=config.batch_invariant)
         capacity = self.runner.num_blocks * config.cache.block_size
         context = loaded.config.max_position_embeddings
         max_model_len = min(config.max_model_len or context, capacity, context)
@@ -233,6 +239,7 @@ class Engine:
             self._thread.join(timeout=10)
         if self.runner.constraints is not None:
             self.runner.constraints.close()
+        self.runner.close()
 
     @property
     def is_alive(self) -> bool:

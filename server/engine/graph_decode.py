@@ -47,7 +47,7 @@ class GraphDecode:
         self.model, self.kv_cache, self.scratch_slot = model, kv_cache, scratch_slot
         self.batch_invariant = batch_invariant
         self.buckets = decode_buckets(max_num_seqs)
-        size, device, c = self.buckets[-1], model.device, model.config
+        size, device, c = self.buckets[-1], model.device, model.local_config
         self.input_ids = torch.zeros(size, dtype=torch.long, device=device)
         self.positions = torch.zeros(size, dtype=torch.long, device=device)
         self.slot_mapping = torch.full((size,), scratch_slot, dtype=torch.long, device=device)

@@ -34,6 +34,8 @@ def kv_cache_budget(config: CacheConfig, device: torch.device) -> int:
 
 
 class ModelRunner:
+    is_driver = True  # False on tensor-parallel workers: they run every step but sample nothing
+
     def __init__(self, model: LlamaForCausalLM, cache_config: CacheConfig, *, batch_invariant: bool = True) -> None:
         if model.config.needs_row_exact_attention and (not batch_invariant or model.device.type != "cpu"):
             raise ValueError(f"{model.config.name}: {SLIDING_WINDOW_PATHS}")
@@ -42,13 +44,19 @@ class ModelRunner:
         self.block_size = cache_config.block_size
         self.batch_invariant = batch_invariant
         self.kv_dtype = kv_cache_dtype(model.dtype, self.device, batch_invariant=batch_invariant)
-        per_block = kv_cache_bytes_per_block(model.config, self.block_size, self.kv_dtype)
-        num_blocks = kv_cache_budget(cache_config, self.device) // per_block - 1
+        # Under tensor parallelism each rank's cache holds its KV heads only, with the same block ids.
+        per_block = kv_cache_bytes_per_block(model.local_config, self.block_size, self.kv_dtype)
+        # Ranks agree on the smallest count (free GPU memory differs between devices): one set of block ids.
+        num_blocks = model.tp.agree_min(kv_cache_budget(cache_config, self.device) // per_block - 1, self.device)
         if num_blocks < 1:
             raise ValueError(f"the KV cache budget does not hold two blocks ({per_block} bytes each)")
         # One block more than the block manager hands out: padding rows of a static decode write there.
         self.kv_cache = KVCache.allocate(
-            model.config, num_blocks=num_blocks + 1, block_size=self.block_size, dtype=self.kv_dtype, device=self.device
+            model.local_config,
+            num_blocks=num_blocks + 1,
+            block_size=self.block_size,
+            dtype=self.kv_dtype,
+            device=self.device,
         )
         self.scratch_slot = num_blocks * self.block_size
         self.block_tables = BlockTableRows()
@@ -71,6 +79,9 @@ class ModelRunner:
             capture=self.device.type == "cuda",
             batch_invariant=self.batch_invariant,
         )
+
+    def close(self) -> None:
+        """Release what the runner started (tensor-parallel workers); the engine calls it at shutdown."""
 
     @torch.inference_mode()
     def execute(self, plan: SchedulerOutput) -> RunnerOutput:
@@ -119,6 +130,8 @@ class ModelRunner:
             out.attention = self._attention_rows(items, attention, meta)
         if inspection.reads:
             out.residuals, out.lens = inspection.collect(items, self.model)
+        if not self.is_driver:  # what follows needs the logits only: rank 0 alone samples and scores
+            return out
         if scoring:
             out.prompt_logprobs = _score_prompt(items, scoring, logits[len(sampling) :])
         if sampling:

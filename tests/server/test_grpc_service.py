@@ -176,6 +176,18 @@ def test_seeded_sampling_reproduces(client: Client) -> None:
     assert list(a.completions[0].token_ids) == list(b.completions[0].token_ids)
 
 
+def test_health_watch_streams_the_status(tiny_server: ServerProcess) -> None:
+    """Watch (load balancers and gRPC clients' health checking) as well as Check: its handler is a
+    coroutine that writes, which the malformed-request interceptor must pass on as one."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(tiny_server.target) as channel:
+        stream = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(), timeout=10)
+        first = next(stream)
+        stream.cancel()
+    assert first.status == health_pb2.HealthCheckResponse.SERVING
+
+
 def test_tokenize_and_model_info(client: Client) -> None:
     info = client.model_info()
     assert (info.name, info.architecture, info.vocab_size, info.num_layers) == ("tiny", "llama", 384, 2)
