@@ -138,7 +138,7 @@ def test_manifests_agree_with_the_server(overlay: str) -> None:
     env = config_map["data"]
 
     # Every flag in the ConfigMap is a real flag and parses with the server's own parser.
-    assert set(env) <= server_env_names(), f"unknown settings: {set(env) - server_env_names()}"
+    assert set(env) <= flag_env_names(), f"unknown settings: {set(env) - flag_env_names()}"
     config = server_config([], env)
     assert container["envFrom"][0]["configMapRef"]["name"] == config_map["metadata"]["name"]
 
@@ -476,12 +476,6 @@ TP_FLAGS: dict[str, tuple[str, object]] = {
     "--master-port": ("master_port", None),  # unset: a free port when nnodes is 1, else 29500
 }
 TP_ENV_NAMES = {"ATTNSERVE_" + dest.upper() for dest, _ in TP_FLAGS.values()}
-SERVER_HAS_TP_FLAGS = "--tensor-parallel-size" in build_parser()._option_string_actions
-PENDING_TP = (
-    "PENDING(#26): server/config.py has no tensor-parallel flags in this branch yet. The tests parse the "
-    "manifests with stand-ins of the agreed names and defaults (tp_parser); once the server side is merged "
-    "the real parser is used and the stand-in branches below can go."
-)
 # Query and KV heads of the example models: tensor parallelism splits query heads evenly across ranks.
 MODEL_HEADS = {
     "SmolLM2-135M-Instruct.Q4_1.gguf": (9, 3),
@@ -493,37 +487,18 @@ LWS_LABELS = "leaderworkerset.sigs.k8s.io/"
 PROBES = ("startupProbe", "readinessProbe", "livenessProbe")
 
 
-def tp_parser() -> argparse.ArgumentParser:
-    """The server's own parser; while #26's flags are pending, with stand-ins for them."""
-    parser = build_parser()
-    if not SERVER_HAS_TP_FLAGS:  # PENDING(#26): delete this branch once server/config.py has the flags
-        group = parser.add_argument_group("tensor parallelism (stand-ins until #26 is merged)")
-        for flag, (dest, default) in TP_FLAGS.items():
-            group.add_argument(flag, type=str if dest == "master_addr" else int, default=default)
-    return parser
-
-
-def server_env_names() -> set[str]:
-    """Every ATTNSERVE_* variable the server reads, #26's included."""
-    return flag_env_names() if SERVER_HAS_TP_FLAGS else flag_env_names() | TP_ENV_NAMES
-
-
 def tp_flags(argv: list[str], environ: dict[str, str]) -> argparse.Namespace:
     """The flags as the server reads them: the command line over ATTNSERVE_* variables."""
-    parser = tp_parser()
+    parser = build_parser()
     _env_defaults(parser, environ)
     return parser.parse_args(argv)
 
 
 def server_config(argv: list[str], environ: dict[str, str]) -> ServerConfig:
     """The whole configuration, through parse_config (so its cross-field checks run too)."""
-    if not SERVER_HAS_TP_FLAGS:  # PENDING(#26): the real parser would reject the flags it does not know yet
-        argv = [a for i, a in enumerate(argv) if a not in TP_FLAGS and (i == 0 or argv[i - 1] not in TP_FLAGS)]
-        environ = {k: v for k, v in environ.items() if k not in TP_ENV_NAMES}
     return parse_config(argv, environ=environ)
 
 
-@pytest.mark.xfail(not SERVER_HAS_TP_FLAGS, reason=PENDING_TP, strict=True)
 def test_tensor_parallel_flags_are_the_servers_own() -> None:
     parser = build_parser()
     for flag, (dest, default) in TP_FLAGS.items():
@@ -757,7 +732,7 @@ def test_lws_wires_every_rank_to_the_leader() -> None:
         assert "command" not in container  # args go to attnserve-server
         argv, environ = container_start(container, injected, config_maps)
         settings = {k for k in environ if k.startswith("ATTNSERVE_")}
-        assert settings <= server_env_names(), f"unknown settings: {settings - server_env_names()}"
+        assert settings <= flag_env_names(), f"unknown settings: {settings - flag_env_names()}"
         flags = tp_flags(argv, environ)
         config = server_config(argv, environ)
 
