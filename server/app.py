@@ -97,9 +97,10 @@ class Server:
         await self.set_health(SERVING)
         info = self.engine.info()
         log.info(
-            "SERVING %s (%s, %s, %d KV blocks of %d tokens, context %d)",
+            "SERVING %s (%s%s, %s, %d KV blocks of %d tokens, context %d)",
             info.model_name,
             info.device,
+            f" x {info.tensor_parallel_size} ranks" if info.tensor_parallel_size > 1 else "",
             info.dtype,
             info.kv_cache_blocks,
             info.kv_cache_block_size,

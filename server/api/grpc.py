@@ -369,6 +369,7 @@ def server_info_response(info: ServerInfo) -> pb.GetServerInfoResponse:
         kv_cache_blocks=e.kv_cache_blocks,
         kv_cache_block_size=e.kv_cache_block_size,
         kv_cache_bytes=e.kv_cache_bytes,
+        tensor_parallel_size=e.tensor_parallel_size,
     )
 
 

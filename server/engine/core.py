@@ -195,6 +195,7 @@ class Engine:
             layer_windows=tuple(c.layer_window(i) or 0 for i in range(c.num_layers)),
             batch_invariant=self.batch_invariant,
             determinism=self.determinism,
+            tensor_parallel_size=runner.model.tp.size,
             generation_defaults=dict(self.loaded.generation_defaults),
         )
 

@@ -162,6 +162,7 @@ class EngineInfo:
     layer_windows: tuple[int, ...]  # per layer: its sliding window, 0 = the whole context
     batch_invariant: bool  # a request's tokens do not depend on its batch, chunking or the prefix cache
     determinism: str  # the path in use and what the start-up check found, in words
+    tensor_parallel_size: int = 1  # ranks the model is split across
     generation_defaults: Mapping[str, float] = field(default_factory=dict)  # the model's generation_config.json
     model_aliases: tuple[str, ...] = ()  # other names a request may send as `model`
 

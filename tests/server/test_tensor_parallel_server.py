@@ -21,6 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from attnserve.client.attention import row_array
 from attnserve.client.client import Client
+from attnserve.client.inspection import Ablate, Steer, residual_values
 from tests.server.server_process import ServerProcess, wait_for
 
 pytestmark = pytest.mark.slow  # four servers, three of them with a worker process; about a minute
@@ -60,6 +61,8 @@ def _greedy(server: ServerProcess, prompt: list[int], **kwargs: object) -> tuple
 
 
 def test_tp2_gives_tp1_tokens_and_attention_rows(servers: dict[str, ServerProcess]) -> None:
+    with Client(servers["tp2"].target) as client:
+        assert client.server_info().tensor_parallel_size == 2
     asked = dict(attention_layers=[0, 1], head_reduction="none", include_prompt=True, attention_dtype="float32")
     worst = 0.0
     for prompt in PROMPTS:
@@ -70,6 +73,41 @@ def test_tp2_gives_tp1_tokens_and_attention_rows(servers: dict[str, ServerProces
         worst = max(worst, *(float(np.abs(a - b).max()) for a, b in zip(rows1, rows2, strict=True)))
     print(f"attention rows TP=2 vs TP=1 through the server: max |diff| {worst:.1e}")
     assert worst <= 1e-6
+
+
+def test_tp2_reads_and_steers_as_tp1(servers: dict[str, ServerProcess]) -> None:
+    """Residual reads, the logit lens (gathered vocabulary), steering and head ablation (heads 1 and 2
+    live on different ranks) give what one rank gives."""
+    vector = [((i * 37) % 11 - 5) / 20 for i in range(64)]  # tiny's hidden size
+    asked = dict(
+        residual_points=["resid_post", "attn_out"],
+        residual_layers=[0, 1],
+        logit_lens_layers=[0, 1],
+        logit_lens_top_k=5,
+        inspect_prompt=True,
+        steering=[Steer(layer=1, vector=vector, scale=4.0)],
+        ablations=[Ablate(layer=0, heads=[1, 2])],
+    )
+    replies = {}
+    for name in ("tp1", "tp2"):
+        with Client(servers[name].target, timeout=120) as client:
+            reply = client.generate(token_ids=PROMPTS[1], max_tokens=8, temperature=0.0, ignore_eos=True, **asked)
+        replies[name] = reply.completions[0]
+    one, two = replies["tp1"], replies["tp2"]
+    assert list(two.token_ids) == list(one.token_ids)
+    plain = _greedy(servers["tp2"], PROMPTS[1])[0][:8]
+    assert list(two.token_ids) != plain  # the steering and ablation changed something
+    assert [(r.point, r.layer, r.position) for r in two.residuals] == [
+        (r.point, r.layer, r.position) for r in one.residuals
+    ]
+    worst = max(
+        float(np.abs(np.array(residual_values(a)) - np.array(residual_values(b))).max())
+        for a, b in zip(one.residuals, two.residuals, strict=True)
+    )
+    print(f"residuals TP=2 vs TP=1 with steering and ablation: max |diff| {worst:.1e}")
+    assert worst <= 1e-5
+    assert [list(r.token_ids) for r in two.logit_lens] == [list(r.token_ids) for r in one.logit_lens]
+    assert np.allclose([list(r.probs) for r in two.logit_lens], [list(r.probs) for r in one.logit_lens], atol=1e-6)
 
 
 @pytest.mark.parametrize("name", ["tp2", "tp2-bf16"])
@@ -101,6 +139,22 @@ def test_a_killed_worker_turns_the_server_not_serving_and_it_exits_non_zero(tmp_
     assert statuses == ["SERVING", "NOT_SERVING"]  # heard by a watcher before the process went
     assert f"pid {workers[0]}) exited with code -9" in server.log()
     assert "NOT_SERVING: exiting with code 1" in server.log()
+
+
+def test_sigterm_stops_every_rank_and_exits_zero(tmp_path: Path) -> None:
+    server = _server(tmp_path, "drained", "--dtype", "float32", "--tensor-parallel-size", "2")
+    assert server.proc is not None
+    workers = _children(server.proc.pid, "spawn_main")
+    assert server.terminate() == 0
+    for pid in workers:
+        wait_for(lambda pid=pid: not Path(f"/proc/{pid}").exists() or _is_zombie(pid), timeout=10)
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
 
 
 def _watch_health(target: str, statuses: list[str]) -> None:
