@@ -73,12 +73,20 @@ class RankSpec:
 class RankGroup:
     """Rank 0's handle on the group: the command channel to the workers and the watch on them."""
 
-    def __init__(self, spec: RankSpec, commands: Any, workers: list[multiprocessing.process.BaseProcess]) -> None:
+    def __init__(
+        self, spec: RankSpec, workers: list[multiprocessing.process.BaseProcess], on_failure: Callable[[str], None]
+    ) -> None:
         self.spec = spec
-        self._commands = commands  # a gloo group: commands are pickled Python objects
         self._workers = workers
+        self._commands: Any = None  # a gloo group (commands are pickled Python objects), once joined
         self._closed = False
-        self.on_failure: Callable[[str], None] = lambda reason: log.critical("%s", reason)
+        self.on_failure = on_failure
+
+    def join(self) -> TensorParallel:
+        """Join the group as rank 0 (waits for every rank)."""
+        tp, self._commands = join_group(self.spec, 0)
+        log.info("tensor parallel: rank 0 of %d joined (%s)", self.spec.world_size, dist.get_backend())
+        return tp
 
     def send(self, method: str, **kwargs: Any) -> None:
         """Have every worker call ``runner.<method>(**kwargs)`` (rank 0 then makes the same call)."""
@@ -198,13 +206,9 @@ def join_group(spec: RankSpec, rank: int) -> tuple[TensorParallel, Any]:
 
 def start_driver(spec: RankSpec, on_failure: Callable[[str], None]) -> tuple[TensorParallel, RankGroup]:
     """On node 0: spawn this node's other ranks, join the group as rank 0, watch the workers."""
-    workers = spawn_workers(spec, range(1, spec.parallel.ranks_per_node))
-    group = RankGroup(spec, None, workers)
-    group.on_failure = on_failure
+    group = RankGroup(spec, spawn_workers(spec, range(1, spec.parallel.ranks_per_node)), on_failure)
     group.watch()  # from now on: a worker that dies while we wait for it to join is reported too
-    tp, group._commands = join_group(spec, 0)
-    log.info("tensor parallel: rank 0 of %d joined (%s)", spec.world_size, dist.get_backend())
-    return tp, group
+    return group.join(), group
 
 
 def worker_main(spec: RankSpec, rank: int) -> None:

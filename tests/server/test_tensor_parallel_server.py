@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -20,9 +22,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from attnserve.client.attention import row_array
-from attnserve.client.client import Client
+from attnserve.client.client import AttnserveError, Client
 from attnserve.client.inspection import Ablate, Steer, residual_values
-from tests.server.server_process import ServerProcess, wait_for
+from tests.server.server_process import REPO, ServerProcess, free_port, wait_for
 
 pytestmark = pytest.mark.slow  # four servers, three of them with a worker process; about a minute
 
@@ -148,6 +150,40 @@ def test_sigterm_stops_every_rank_and_exits_zero(tmp_path: Path) -> None:
     assert server.terminate() == 0
     for pid in workers:
         wait_for(lambda pid=pid: not Path(f"/proc/{pid}").exists() or _is_zombie(pid), timeout=10)
+
+
+def test_two_nodes_serve_as_one_and_a_lost_node_ends_the_leader(tmp_path: Path) -> None:
+    """--nnodes 2 on one machine: node 1 runs its rank only (no doors); the leader gives TP=1's tokens.
+    Node 1 lost: the leader's next step fails on the closed connection, NOT_SERVING, exit 1."""
+    port = free_port()
+    node = ["--model", MODEL, "--dtype", "float32", "--kv-cache-memory", "32MiB", "--tensor-parallel-size", "2"]
+    node += ["--nnodes", "2", "--master-addr", "127.0.0.1", "--master-port", str(port)]
+    with open(tmp_path / "node1.log", "w") as log:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "server", *node, "--node-rank", "1"], cwd=REPO, stdout=log, stderr=subprocess.STDOUT
+        )
+    try:
+        leader = _server(tmp_path, "node0", *node[2:], "--node-rank", "0")
+        assert leader.proc is not None
+        reference = _greedy_tokens_of_tp1(tmp_path)
+        assert [_greedy(leader, prompt)[0] for prompt in PROMPTS[:2]] == reference
+        worker.kill()
+        worker.wait(timeout=10)
+        with pytest.raises(AttnserveError):
+            _greedy(leader, PROMPTS[2])
+        assert leader.proc.wait(timeout=30) == 1
+        assert "NOT_SERVING: exiting with code 1" in leader.log()
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+
+
+def _greedy_tokens_of_tp1(tmp_path: Path) -> list[list[int]]:
+    one = _server(tmp_path, "one", "--dtype", "float32")
+    try:
+        return [_greedy(one, prompt)[0] for prompt in PROMPTS[:2]]
+    finally:
+        one.stop()
 
 
 def _is_zombie(pid: int) -> bool:
