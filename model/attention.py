@@ -316,12 +316,6 @@ def _slots(table: Sequence[int], start: int, end: int, block_size: int) -> list[
     return out
 
 
-SLIDING_WINDOW_PATHS = (
-    "sliding-window attention and logit soft-capping run on the batch-invariant CPU path only in this "
-    "version (not with --batch-invariant off, not on CUDA, whose kernels have neither)"
-)
-
-
 def kv_cache_dtype(dtype: torch.dtype, device: torch.device, *, batch_invariant: bool) -> torch.dtype:
     """The dtype the paged cache keeps K/V in: the model's. The batch-invariant CPU path's ATen
     fallback (no native kernels) reads float32 only: there a narrower model's K/V are held exactly, upcast."""
@@ -372,16 +366,17 @@ def paged_attention(
     elif meta.batch_invariant and not q.is_cuda:
         layouts = meta.cpu_layouts(q.shape[1], layer_cache, window=window)
         out = cpu_sparse.sparse_attention(q, layer_cache, layouts, scale, softcap=softcap)
-    elif window is not None or softcap is not None:
-        raise NotImplementedError(SLIDING_WINDOW_PATHS)
+    elif (window is not None or softcap is not None) and not q.is_cuda:
+        out = explicit_sequences(q, layer_cache, meta, scale=scale, window=window, softcap=softcap)
     elif meta.is_pure_decode:
-        out = decode_attention(q, layer_cache, meta, scale)
+        out = decode_attention(q, layer_cache, meta, scale, window=window, softcap=softcap)
     else:
         assert kv is not None
         out = torch.empty_like(q)
         if meta.decode_rows is not None:
-            out[meta.decode_rows] = decode_attention(q[meta.decode_rows], layer_cache, meta, scale)
-        prefill_attention(q, kv[:, 0], kv[:, 1], layer_cache, meta, scale, out=out)
+            rows = q[meta.decode_rows]
+            out[meta.decode_rows] = decode_attention(rows, layer_cache, meta, scale, window=window, softcap=softcap)
+        prefill_attention(q, kv[:, 0], kv[:, 1], layer_cache, meta, scale, out=out, window=window, softcap=softcap)
     capture_queries(q, meta, layer_index)
     return out
 
@@ -419,12 +414,47 @@ def captured_attention_weights(
     )
 
 
-def decode_attention(q: torch.Tensor, layer_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """(Bd, H, D): the decode rows' attention over their cached context, K/V read in place.
+def explicit_sequences(
+    q: torch.Tensor,
+    layer_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    *,
+    scale: float,
+    window: int | None,
+    softcap: float | None,
+) -> torch.Tensor:
+    """(T, H, D): every sequence's rows through the explicit weights (window and soft-cap applied), in
+    float32. The CPU path for windowed or soft-capped layers where batch invariance is off."""
+    out = torch.empty_like(q)
+    for seq, (start, n) in enumerate(zip(meta.query_starts, meta.query_lens, strict=True)):
+        k, v = context_kv(layer_cache, meta.block_table(seq), meta.seq_lens[seq])  # (Hkv, L, D)
+        weights = explicit_weights(q[start : start + n].transpose(0, 1), k, scale=scale, window=window, softcap=softcap)
+        v = v.repeat_interleave(q.shape[1] // v.shape[0], dim=0).float()
+        out[start : start + n] = torch.matmul(weights, v).transpose(0, 1).to(q.dtype)
+    return out
+
+
+def decode_attention(
+    q: torch.Tensor,
+    layer_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    *,
+    window: int | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """(Bd, H, D): the decode rows' attention over their cached context, K/V read in place (``window``
+    and ``softcap``: on CUDA; the CPU paths take them elsewhere).
 
     bench/step_bench.py swaps this function for the old copying path to compare the two.
     """
     assert meta.decode_block_tables is not None and meta.decode_seq_lens is not None
+    if q.is_cuda:
+        from attnserve.model.kernels import triton_decode
+
+        return triton_decode.paged_decode_attention(
+            q, layer_cache, meta.decode_block_tables, meta.decode_seq_lens, scale, window=window, softcap=softcap
+        )
     if not q.is_cuda and layer_cache.dtype not in cpu_sparse.SPARSE_DTYPES:
         return cpu_sparse.per_sequence_decode_attention(
             q, layer_cache, meta.decode_block_tables, meta.decode_seq_lens_host, scale
@@ -475,8 +505,11 @@ def prefill_attention(
     scale: float,
     *,
     out: torch.Tensor,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> None:
-    """Fill the prefill chunks' rows of ``out`` (T, H, D): causal within each chunk, over cached history."""
+    """Fill the prefill chunks' rows of ``out`` (T, H, D): causal within each chunk, over cached history
+    (``window`` and ``softcap``: on CUDA; the CPU paths take them elsewhere)."""
     if q.is_cuda:
         from attnserve.model.kernels import triton_prefill
 
@@ -491,6 +524,8 @@ def prefill_attention(
             scale,
             max_query_len=max(c.token_end - c.token_start for c in meta.prefills),
             out=out,
+            window=window,
+            softcap=softcap,
         )
         return
     for chunk in meta.prefills:

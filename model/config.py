@@ -139,11 +139,6 @@ class ModelConfig:
         return self.sliding_window
 
     @property
-    def needs_row_exact_attention(self) -> bool:
-        """Windows and soft-capping are implemented on the batch-invariant CPU attention path only."""
-        return self.sliding_window is not None or self.attn_logit_softcap is not None
-
-    @property
     def q_size(self) -> int:
         return self.num_heads * self.head_dim
 

@@ -117,11 +117,19 @@ def random_paged_cache(
 
 
 def reference_paged_attention(
-    q: torch.Tensor, layer_cache: torch.Tensor, block_table: torch.Tensor, seq_len: int, scale: float
+    q: torch.Tensor,
+    layer_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_len: int,
+    scale: float,
+    *,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Plain float64 attention of the last n positions q (n, H, D) of a sequence over its cached context.
 
-    Causal; reads the context by copying its blocks. Returns (n, H, D) float64 (zeros when seq_len is 0).
+    Causal (each query over its last ``window`` positions, if given; scores soft-capped by ``softcap``);
+    reads the context by copying its blocks. Returns (n, H, D) float64 (zeros when seq_len is 0).
     """
     n, num_heads, head_dim = q.shape
     if seq_len == 0:
@@ -132,8 +140,12 @@ def reference_paged_attention(
     k = kv[0].repeat_interleave(num_heads // num_kv_heads, dim=1)  # (L, H, D)
     v = kv[1].repeat_interleave(num_heads // num_kv_heads, dim=1)
     scores = torch.einsum("qhd,khd->hqk", q.double(), k) * scale  # (H, n, L)
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
     positions = torch.arange(seq_len - n, seq_len)
     hidden = torch.arange(seq_len)[None, :] > positions[:, None]  # (n, L) keys after each query
+    if window is not None:
+        hidden |= torch.arange(seq_len)[None, :] <= positions[:, None] - window
     weights = scores.masked_fill(hidden, float("-inf")).softmax(dim=-1)
     return torch.einsum("hqk,khd->qhd", weights, v)
 

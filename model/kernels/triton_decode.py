@@ -4,7 +4,9 @@ One program handles one sequence, one KV head and one split of the context. The 
 heads that share the KV head are the rows of a small matrix, so each K/V row is loaded once
 for all of them (GQA). Long contexts are cut into splits that run in parallel
 (flash-decoding); a small second kernel merges the splits' partial softmax sums. Scores,
-softmax and the weighted sum accumulate in float32.
+softmax and the weighted sum accumulate in float32. With a sliding ``WINDOW`` a split starts no
+earlier than the window (older blocks are never read); with ``SOFTCAP`` the scores are
+soft-capped (cap * tanh(score / cap), Gemma 2) before the softmax.
 
 Every shape the kernels see is fixed by the step's buffers (batch rows, block-table width),
 so a CUDA graph can capture a call. Rows with ``seq_len == 0`` (bucket padding) produce zeros.
@@ -48,6 +50,8 @@ def _split_kernel(
     BLOCK_N: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
     PRECISION: tl.constexpr,
+    WINDOW: tl.constexpr,  # 0: the whole context
+    SOFTCAP: tl.constexpr,  # 0.0: none
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -56,6 +60,8 @@ def _split_kernel(
     seq_len = tl.load(lens_ptr + seq)
     start = split * tokens_per_split
     end = tl.minimum(start + tokens_per_split, seq_len)
+    if WINDOW > 0:  # the query (position seq_len - 1) sees the last WINDOW positions only
+        start = tl.maximum(start, seq_len - WINDOW)
 
     rows = tl.arange(0, GROUP_PAD)
     dims = tl.arange(0, DIM_PAD)
@@ -78,6 +84,8 @@ def _split_kernel(
         kv_mask = token_ok[:, None] & dim_ok[None, :]
         k = tl.load(k_ptr + base[:, None] + dims[None, :], mask=kv_mask, other=0.0)  # (N, D)
         scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # (G, N)
+        if SOFTCAP > 0.0:
+            scores = SOFTCAP * _tanh(scores / SOFTCAP)
         scores = tl.where(token_ok[None, :], scores, float("-inf"))
         new_max = tl.maximum(row_max, tl.max(scores, axis=1))
         rescale = tl.exp(row_max - new_max)
@@ -91,6 +99,12 @@ def _split_kernel(
     tl.store(max_ptr + out_rows, row_max, mask=row_ok)
     tl.store(sum_ptr + out_rows, row_sum, mask=row_ok)
     tl.store(acc_ptr + out_rows[:, None] * DIM_PAD + dims[None, :], acc, mask=row_ok[:, None])
+
+
+@triton.jit
+def _tanh(x):
+    """tanh from the sigmoid (in every Triton version and the interpreter): 2 * sigmoid(2x) - 1."""
+    return 2.0 * tl.sigmoid(2.0 * x) - 1.0
 
 
 @triton.jit
@@ -153,8 +167,11 @@ def paged_decode_attention(
     scale: float,
     *,
     num_splits: int | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
-    """Attention of one query per sequence over its cached context. Returns (B, H, D) in q's dtype."""
+    """Attention of one query per sequence over its cached context (its last ``window`` positions),
+    scores soft-capped by ``softcap``. Returns (B, H, D) in q's dtype."""
     batch, num_heads, head_dim = q.shape
     _, _, block_size, num_kv_heads, _ = layer_cache.shape
     group = num_heads // num_kv_heads
@@ -193,6 +210,8 @@ def paged_decode_attention(
         BLOCK_N=BLOCK_N,
         NUM_SPLITS=splits,
         PRECISION=dot_precision(q.dtype),
+        WINDOW=window or 0,
+        SOFTCAP=float(softcap or 0.0),
     )
     out = torch.empty(batch, num_heads, head_dim, dtype=q.dtype, device=q.device)
     _merge_kernel[(batch, num_heads)](

@@ -4,7 +4,9 @@ A chunk is a run of consecutive rows of the flattened batch: the new tokens of o
 the last ``query_len`` of its ``seq_len`` positions (so it may continue cached history). Their
 K/V are already in the cache. One program handles BLOCK_M query rows of one chunk and one
 query head; it walks the context up to the tile's last position, with the causal mask
-applied per row, and keeps an online softmax in float32.
+applied per row, and keeps an online softmax in float32. With a sliding ``WINDOW`` it starts at
+the tile's first visible key and masks each row to its own window; with ``SOFTCAP`` the scores
+are soft-capped (cap * tanh(score / cap)) before the softmax.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from attnserve.model.kernels.triton_decode import _tanh
 
 BLOCK_M = 32  # query rows per program
 BLOCK_N = 32  # context tokens per inner iteration
@@ -43,6 +47,8 @@ def _prefill_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     PRECISION: tl.constexpr,
+    WINDOW: tl.constexpr,  # 0: the whole context
+    SOFTCAP: tl.constexpr,  # 0.0: none
 ):
     chunk = tl.program_id(0)
     head = tl.program_id(1)
@@ -69,7 +75,10 @@ def _prefill_kernel(
     offsets = tl.arange(0, BLOCK_N)
     table = tables_ptr + chunk * table_stride
     end = tl.minimum(seq_len, history + (tile + 1) * BLOCK_M)  # one past the tile's last visible key
-    for start in range(0, end, BLOCK_N):
+    begin = 0
+    if WINDOW > 0:  # the tile's first row sees nothing before its window: skip those tiles of keys
+        begin = tl.maximum(history + tile * BLOCK_M - WINDOW + 1, 0) // BLOCK_N * BLOCK_N
+    for start in range(begin, end, BLOCK_N):
         tokens = start + offsets
         token_ok = tokens < end
         block = tl.load(table + tokens // BLOCK_SIZE, mask=token_ok, other=0).to(tl.int64)
@@ -77,12 +86,18 @@ def _prefill_kernel(
         kv_mask = token_ok[:, None] & dim_ok[None, :]
         k = tl.load(k_ptr + base[:, None] + dims[None, :], mask=kv_mask, other=0.0)  # (N, D)
         scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # (M, N)
-        # Token 0 is visible to every row, so each row's max is finite after the first tile.
+        if SOFTCAP > 0.0:
+            scores = SOFTCAP * _tanh(scores / SOFTCAP)
         visible = token_ok[None, :] & (tokens[None, :] <= positions[:, None])
+        if WINDOW > 0:
+            visible = visible & (tokens[None, :] > positions[:, None] - WINDOW)
         scores = tl.where(visible, scores, float("-inf"))
         new_max = tl.maximum(row_max, tl.max(scores, axis=1))
-        rescale = tl.exp(row_max - new_max)
-        p = tl.exp(scores - new_max[:, None])
+        # A row may see nothing in a tile before its window starts: a finite stand-in keeps
+        # exp(-inf - -inf) from making NaN (its weights are exp(-inf) = 0 all the same).
+        safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
+        rescale = tl.exp(row_max - safe_max)
+        p = tl.exp(scores - safe_max[:, None])
         row_sum = row_sum * rescale + tl.sum(p, axis=1)
         v = tl.load(v_ptr + base[:, None] + dims[None, :], mask=kv_mask, other=0.0)  # (N, D)
         acc = acc * rescale[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
@@ -104,8 +119,11 @@ def paged_prefill_attention(
     *,
     max_query_len: int,
     out: torch.Tensor,  # (T, H, D): the chunks' rows are written, the others left alone
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
-    """Causal attention of every chunk's rows over its sequence's cached context, in one launch."""
+    """Causal attention of every chunk's rows over its sequence's cached context (each row's last
+    ``window`` positions), scores soft-capped by ``softcap``, in one launch."""
     _, num_heads, head_dim = q.shape
     _, _, block_size, num_kv_heads, _ = layer_cache.shape
     assert q.stride(-1) == 1 and out.stride(-1) == 1 and layer_cache.stride(-1) == 1, "head_dim must be contiguous"
@@ -136,5 +154,7 @@ def paged_prefill_attention(
         BLOCK_M=BLOCK_M,
         BLOCK_N=BLOCK_N,
         PRECISION="ieee" if q.dtype == torch.float32 else None,  # fp32 dots in full precision, not TF32
+        WINDOW=window or 0,
+        SOFTCAP=float(softcap or 0.0),
     )
     return out

@@ -11,7 +11,7 @@ import itertools
 
 import torch
 
-from attnserve.model.attention import SLIDING_WINDOW_PATHS, AttentionMetadata, kv_cache_dtype
+from attnserve.model.attention import AttentionMetadata, kv_cache_dtype
 from attnserve.model.kv_cache import KVCache, kv_cache_bytes_per_block
 from attnserve.model.llama import LlamaForCausalLM
 from attnserve.model.sampling import SamplingTensors, fetch_sampled, sample, step_generator
@@ -37,8 +37,6 @@ class ModelRunner:
     is_driver = True  # False on tensor-parallel workers: they run every step but sample nothing
 
     def __init__(self, model: LlamaForCausalLM, cache_config: CacheConfig, *, batch_invariant: bool = True) -> None:
-        if model.config.needs_row_exact_attention and (not batch_invariant or model.device.type != "cpu"):
-            raise ValueError(f"{model.config.name}: {SLIDING_WINDOW_PATHS}")
         self.model = model
         self.device = model.device
         self.block_size = cache_config.block_size

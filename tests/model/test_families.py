@@ -79,9 +79,14 @@ def test_logits_match_transformers(family: tuple[Any, LoadedModel]) -> None:
     assert diff <= 1e-4, diff
 
 
-def test_greedy_tokens_through_the_engine_match_transformers(family: tuple[Any, LoadedModel]) -> None:
+@pytest.mark.parametrize("batch_invariant", [True, False], ids=["invariant", "fast-path"])
+def test_greedy_tokens_through_the_engine_match_transformers(
+    family: tuple[Any, LoadedModel], batch_invariant: bool
+) -> None:
+    """On the batch-invariant path and on the fast one (--batch-invariant off: windows and soft-caps
+    through the explicit weights on CPU, the Triton kernels on CUDA)."""
     hf, ours = family
-    engine = make_engine(ours, max_num_batched_tokens=12, block_size=4)
+    engine = make_engine(ours, max_num_batched_tokens=12, block_size=4, batch_invariant=batch_invariant)
     try:
         for prompt in prompts((30, 41), seed=1):
             out = asyncio.run(engine.generate(prompt, SamplingParams(max_tokens=12, ignore_eos=True)))

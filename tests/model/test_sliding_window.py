@@ -54,9 +54,13 @@ def test_logits_match_transformers_past_the_window(mistral: tuple[object, Loaded
     assert diff <= 1e-4, diff
 
 
-def test_greedy_tokens_through_the_engine_match_transformers(mistral: tuple[object, LoadedModel]) -> None:
+@pytest.mark.parametrize("batch_invariant", [True, False], ids=["invariant", "fast-path"])
+def test_greedy_tokens_through_the_engine_match_transformers(
+    mistral: tuple[object, LoadedModel], batch_invariant: bool
+) -> None:
     hf, ours = mistral
-    engine = make_engine(ours, max_num_batched_tokens=12, block_size=4)  # chunks and blocks smaller than 40
+    # Chunks and blocks smaller than 40; the fast path (--batch-invariant off) honours the window too.
+    engine = make_engine(ours, max_num_batched_tokens=12, block_size=4, batch_invariant=batch_invariant)
     try:
         for prompt in prompts((30, 41), seed=1):
             out = asyncio.run(engine.generate(prompt, SamplingParams(max_tokens=12, ignore_eos=True)))
@@ -113,8 +117,3 @@ def test_qwen2_windows_on_some_layers_are_refused_not_ignored() -> None:
     assert ModelConfig.from_hf_config(base).sliding_window is None  # use_sliding_window false: no window
     with pytest.raises(ModelLoadError, match="use_sliding_window"):
         ModelConfig.from_hf_config({**base, "use_sliding_window": True})
-
-
-def test_a_window_the_fast_path_cannot_honour_is_refused_at_start(mistral: tuple[object, LoadedModel]) -> None:
-    with pytest.raises(ValueError, match="sliding-window"):
-        make_engine(mistral[1], batch_invariant=False, start=False)

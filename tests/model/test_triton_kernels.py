@@ -26,7 +26,9 @@ F32, F16 = torch.float32, torch.float16
 TOLERANCE = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 
 
-def _check_decode(decode: ModuleType, *, block_size: int, group: int, head_dim: int, dtype, splits, device) -> None:
+def _check_decode(
+    decode: ModuleType, *, block_size: int, group: int, head_dim: int, dtype, splits, device, window=None, softcap=None
+) -> None:
     num_kv_heads = 2
     num_heads = group * num_kv_heads
     # One token, part of a block, several blocks, long enough to split; and a padding row (0).
@@ -38,10 +40,14 @@ def _check_decode(decode: ModuleType, *, block_size: int, group: int, head_dim: 
     q = qk.to(device, dtype)[:, :num_heads]
     seq_lens = torch.tensor(lens, dtype=torch.int32, device=device)
     scale = head_dim**-0.5
-    out = decode.paged_decode_attention(q, cache, tables.to(device), seq_lens, scale, num_splits=splits)
+    out = decode.paged_decode_attention(
+        q, cache, tables.to(device), seq_lens, scale, num_splits=splits, window=window, softcap=softcap
+    )
     assert out.shape == q.shape and out.dtype == dtype
     for row, n in enumerate(lens):
-        expected = reference_paged_attention(q[row : row + 1].cpu(), cache.cpu(), tables[row], n, scale)[0]
+        expected = reference_paged_attention(
+            q[row : row + 1].cpu(), cache.cpu(), tables[row], n, scale, window=window, softcap=softcap
+        )[0]
         error = (out[row].double().cpu() - expected).abs().max().item()
         assert error <= TOLERANCE[dtype], f"row {row} (context {n}): error {error:.2e}"
 
@@ -63,7 +69,9 @@ def test_decode_kernel_matches_reference(block_size, group, head_dim, dtype, spl
     )
 
 
-def _check_prefill(prefill: ModuleType, *, block_size: int, group: int, head_dim: int, dtype, device) -> None:
+def _check_prefill(
+    prefill: ModuleType, *, block_size: int, group: int, head_dim: int, dtype, device, window=None, softcap=None
+) -> None:
     num_kv_heads = 2
     num_heads = group * num_kv_heads
     # (query_len, seq_len): fresh chunks, one longer than a query tile, and chunks continuing history.
@@ -92,10 +100,14 @@ def _check_prefill(prefill: ModuleType, *, block_size: int, group: int, head_dim
         scale,
         max_query_len=max(n for n, _ in chunks),
         out=out,
+        window=window,
+        softcap=softcap,
     )
     assert bool((out[45:47] == 7.0).all()), "rows outside the chunks must stay untouched"
     for i, ((n, seq_len), start) in enumerate(zip(chunks, starts, strict=True)):
-        expected = reference_paged_attention(q[start : start + n].cpu(), cache.cpu(), tables[i], seq_len, scale)
+        expected = reference_paged_attention(
+            q[start : start + n].cpu(), cache.cpu(), tables[i], seq_len, scale, window=window, softcap=softcap
+        )
         error = (out[start : start + n].double().cpu() - expected).abs().max().item()
         assert error <= TOLERANCE[dtype], f"chunk {i}: error {error:.2e}"
 
@@ -106,6 +118,35 @@ def _check_prefill(prefill: ModuleType, *, block_size: int, group: int, head_dim
 )
 def test_prefill_kernel_matches_reference(block_size, group, head_dim, dtype) -> None:
     _check_prefill(triton_prefill, block_size=block_size, group=group, head_dim=head_dim, dtype=dtype, device=DEVICE)
+
+
+@pytest.mark.parametrize(
+    ("window", "softcap", "splits"),
+    [(20, None, 3), (100, None, None), (1, None, 2), (None, 5.0, 3), (37, 2.0, 5)],
+)
+def test_decode_kernel_windows_and_softcaps(window, softcap, splits) -> None:
+    """Mistral / Gemma: a window shorter than some contexts (whole splits skipped), one token wide,
+    soft-capped scores, and both at once."""
+    _check_decode(
+        triton_decode,
+        block_size=16,
+        group=4,
+        head_dim=64,
+        dtype=F32,
+        splits=splits,
+        device=DEVICE,
+        window=window,
+        softcap=softcap,
+    )
+
+
+@pytest.mark.parametrize(("window", "softcap"), [(8, None), (37, None), (1, None), (None, 5.0), (40, 2.0)])
+def test_prefill_kernel_windows_and_softcaps(window, softcap) -> None:
+    """Windows shorter than a query tile and than a key tile, and rows whose first key tiles hold
+    nothing they may see (the online softmax must not make NaN of them)."""
+    _check_prefill(
+        triton_prefill, block_size=8, group=2, head_dim=64, dtype=F32, device=DEVICE, window=window, softcap=softcap
+    )
 
 
 def test_default_split_count_depends_on_static_shapes_only() -> None:
@@ -128,3 +169,9 @@ def test_kernels_on_gpu(dtype) -> None:
                 triton_decode, block_size=16, group=group, head_dim=head_dim, dtype=dtype, splits=splits, device="cuda"
             )
         _check_prefill(triton_prefill, block_size=16, group=group, head_dim=head_dim, dtype=dtype, device="cuda")
+    _check_decode(
+        triton_decode, block_size=16, group=4, head_dim=64, dtype=dtype, splits=3, device="cuda", window=20, softcap=5.0
+    )
+    _check_prefill(
+        triton_prefill, block_size=8, group=2, head_dim=64, dtype=dtype, device="cuda", window=37, softcap=2.0
+    )
