@@ -19,7 +19,7 @@ CHROMIUM     ?= /usr/bin/chromium
 # apt-get as root (CI), else through sudo if it needs no password; nothing is asked on stdin.
 SUDO         := $(if $(filter 0,$(shell id -u)),,sudo -n)
 
-.PHONY: help install proto model generate serve browser-deps promtool test test-fast lint bench bench-aiperf bench-engine bench-step bench-hostile fuzz llama-converter llama-server soak image deploy-smoke clean
+.PHONY: help install proto model generate serve browser-deps promtool test test-fast lint bench bench-aiperf bench-engine bench-step bench-gpu bench-hostile fuzz llama-converter llama-server soak image deploy-smoke clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
@@ -106,6 +106,9 @@ fuzz: install  ## 10,000 fuzzed gRPC messages, raw bytes and OpenAI bodies again
 
 bench-step: install  ## decode-step time at batch 1..32 x context 128..4096, before/after, beside the copy bandwidth
 	$(PY) bench/step_bench.py
+
+bench-gpu: install  ## on a GPU: decode steps of an 8B shape (batch 1 and 64 at context 2,048) against the bandwidth roofline
+	$(PY) bench/gpu_bench.py $(BENCH_GPU_ARGS)
 
 bench-hostile: install model  ## the hostile-input cases against a real server, with its RSS
 	$(PY) bench/hostile_rss.py
