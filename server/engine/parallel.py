@@ -253,7 +253,13 @@ def run_worker_node(spec: RankSpec) -> int:
 
 
 def _die_with_parent() -> None:
-    """Linux: the kernel kills this process when its parent (the server) dies, however it dies."""
+    """Linux: the kernel kills this process when its parent (the server) dies, however it dies.
+
+    Signals meant for the server (Ctrl-C reaches the whole process group) are ignored: rank 0 drains
+    and then stops its workers itself, which a worker that died first would turn into a failure.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
