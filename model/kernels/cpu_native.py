@@ -17,6 +17,7 @@ the ATen fallback runs: the same results within float32 rounding, slower.
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
 import sys
@@ -64,7 +65,10 @@ def load() -> bool:
 
         isa, flags = _isa_flags()
         cache = Path(os.environ.get(ENV_CACHE, Path.home() / ".cache" / "attnserve" / "kernels"))
-        build_dir = cache / f"torch{torch.__version__.split('+')[0]}-{isa}"
+        # The source's hash in the folder's name: checkouts with other sources (worktrees on one
+        # machine) would otherwise rebuild over each other in one folder, each load waiting 20 s.
+        digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]
+        build_dir = cache / f"torch{torch.__version__.split('+')[0]}-{isa}-{digest}"
         build_dir.mkdir(parents=True, exist_ok=True)
         cpp_extension.load(
             name=f"attnserve_cpu_native_{isa}",
