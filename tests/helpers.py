@@ -82,6 +82,26 @@ def save_tiny_hf_model(folder: Path, architecture: str = "llama", **overrides: o
     return hf_model
 
 
+def transformers_greedy(
+    hf_model: Any, prompt: Sequence[int], max_new_tokens: int
+) -> tuple[list[int], list[torch.Tensor]]:
+    """transformers' own greedy ``generate`` (its cache, its sliding windows) past any EOS, as a
+    request with ignore_eos runs: the new tokens and each step's logits (V,)."""
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True
+    )
+    # An unset eos_token_id is filled from the model's generation config: clear it there, for this call.
+    saved, hf_model.generation_config.eos_token_id = hf_model.generation_config.eos_token_id, None
+    try:
+        with torch.inference_mode():
+            out = hf_model.generate(torch.tensor([list(prompt)]), generation_config=config)
+    finally:
+        hf_model.generation_config.eos_token_id = saved
+    return out.sequences[0, len(prompt) :].tolist(), [step[0].float() for step in out.logits]
+
+
 def write_byte_tokenizer(folder: Path) -> None:
     """A byte-level tokenizer for the tiny vocabulary (tokenizer.json, tokenizer_config.json): what
     load_model needs beside a tiny model's weights."""

@@ -12,6 +12,14 @@ A new request whose prompt starts with registered blocks shares them (reference
 count + 1) instead of recomputing them. A block whose count drops to zero goes to
 the tail of the free list but keeps its hash, so it can still be hit until it is
 reallocated (LRU eviction from the head).
+
+Sliding windows: where every layer of the model sees only its last ``sliding_window``
+positions, a request's blocks wholly before the first position its next token can see are
+released as it moves on (``release_out_of_window``), so a long generation holds a bounded
+number of blocks. Their table entries become ``NULL_BLOCK`` (reserved, never handed out,
+never written: a kernel that reads a whole table reads zeros there, and masks them anyway).
+Released blocks are counted down like any freed block: one another request shares keeps its
+K/V, and a cached one stays in the prefix cache until it is reallocated.
 """
 
 from __future__ import annotations
@@ -23,6 +31,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from attnserve.server.engine.request import Request
+
+NULL_BLOCK = 0  # with a sliding window: the entry a released block leaves in its request's table
 
 
 @dataclass
@@ -45,19 +55,34 @@ def chain_hash(parent: bytes, token_ids: Sequence[int]) -> bytes:
 
 class BlockManager:
     def __init__(
-        self, num_blocks: int, block_size: int, *, enable_prefix_caching: bool = True, cache_salt: bytes = b""
+        self,
+        num_blocks: int,
+        block_size: int,
+        *,
+        enable_prefix_caching: bool = True,
+        cache_salt: bytes = b"",
+        sliding_window: int | None = None,
     ) -> None:
         if num_blocks <= 0 or block_size <= 0:
             raise ValueError(f"num_blocks and block_size must be > 0, got {num_blocks} and {block_size}")
+        if sliding_window is not None and (sliding_window < 1 or num_blocks < 2):
+            raise ValueError(f"sliding_window must be >= 1 with >= 2 blocks, got {sliding_window}, {num_blocks}")
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
+        # Every layer's window (None: some layer sees the whole context, nothing is ever released).
+        self.sliding_window = sliding_window
         # The root of every chain: what else, besides the tokens, decides a block's K/V.
         self.root_key = hashlib.sha256(b"attnserve-kv-v1\0" + cache_salt).digest()
         self.blocks = [Block(i) for i in range(num_blocks)]
         self._free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))  # head = evict first
         self._cached: dict[bytes, int] = {}  # block key -> block id
         self._hashes: dict[str, list[bytes]] = {}  # request id -> hashes of its full blocks
+        self._released: dict[str, int] = {}  # request id -> leading entries of its table released
+        self._num_usable = num_blocks
+        if sliding_window is not None:  # the null block: held for good, so never allocated or evicted
+            self._take(NULL_BLOCK)
+            self._num_usable -= 1
         self.num_prefix_queries = 0  # prompt tokens looked up in the prefix cache
         self.num_prefix_hits = 0  # of which were found
 
@@ -69,7 +94,11 @@ class BlockManager:
     @property
     def usage(self) -> float:
         """Fraction of blocks held by requests (cached-but-free blocks count as free)."""
-        return 1.0 - len(self._free) / self.num_blocks
+        return 1.0 - len(self._free) / self._num_usable
+
+    def num_released(self, request: Request) -> int:
+        """How many leading entries of the request's table were released (now NULL_BLOCK)."""
+        return self._released.get(request.request_id, 0)
 
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -128,6 +157,8 @@ class BlockManager:
             block_tokens = tokens[i * self.block_size : (i + 1) * self.block_size]
             block_hash = chain_hash(parent, block_tokens)
             hashes.append(block_hash)
+            if i < self.num_released(request):
+                continue  # out of the window already (the chain goes on through its key)
             block = self.blocks[request.block_table[i]]
             if block.block_hash is None and block_hash not in self._cached:
                 block.block_hash = block_hash
@@ -140,16 +171,28 @@ class BlockManager:
         salt = request.params.kv_salt
         return self.root_key if not salt else hashlib.sha256(self.root_key + salt).digest()
 
+    def release_out_of_window(self, request: Request) -> int:
+        """With a sliding window on every layer: release the request's blocks wholly before the first
+        position its next token sees (that token sits at ``num_computed_tokens``); call it once the
+        computed tokens' blocks are cached. Returns how many blocks it released."""
+        if self.sliding_window is None:
+            return 0
+        first_visible = max(request.num_computed_tokens - self.sliding_window + 1, 0)
+        start = self.num_released(request)
+        end = min(first_visible // self.block_size, len(request.block_table))
+        for i in range(start, end):
+            self._release(request.block_table[i])
+            request.block_table[i] = NULL_BLOCK
+        if end <= start:
+            return 0
+        self._released[request.request_id] = end
+        return end - start
+
     def free(self, request: Request) -> None:
         """Release the request's blocks (last first, so a prefix's tail is evicted before its head)."""
-        for block_id in reversed(request.block_table):
-            block = self.blocks[block_id]
-            block.ref_count -= 1
-            assert block.ref_count >= 0, f"block {block_id} freed twice"
-            if block.ref_count == 0:
-                self._free[block_id] = None
-                if block.block_hash is None:
-                    self._free.move_to_end(block_id, last=False)  # uncached blocks are reused first
+        released = self._released.pop(request.request_id, 0)
+        for block_id in reversed(request.block_table[released:]):
+            self._release(block_id)
         request.block_table = []
         self._hashes.pop(request.request_id, None)
 
@@ -164,6 +207,15 @@ class BlockManager:
         if block.ref_count == 0:
             self._free.pop(block_id, None)
         block.ref_count += 1
+
+    def _release(self, block_id: int) -> None:
+        block = self.blocks[block_id]
+        block.ref_count -= 1
+        assert block.ref_count >= 0, f"block {block_id} freed twice"
+        if block.ref_count == 0:
+            self._free[block_id] = None
+            if block.block_hash is None:
+                self._free.move_to_end(block_id, last=False)  # uncached blocks are reused first
 
     def _evict(self, block_id: int) -> None:
         block = self.blocks[block_id]

@@ -3,7 +3,9 @@
 The scheduler's block tables only grow while a request runs, so a step writes just the
 blocks added since the last one (a block every block_size tokens of a decode) instead of
 rebuilding a (batch, blocks) tensor from Python lists: the difference between ~3 ms and
-~0.4 ms of host time per step at batch 256 and 2,048 tokens of context.
+~0.4 ms of host time per step at batch 256 and 2,048 tokens of context. Entries released
+out of a sliding window only grow too (from the front): they are overwritten with the null
+block as they come, so a row never names a block its request gave back.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
+from attnserve.server.engine.block_manager import NULL_BLOCK
 from attnserve.server.engine.records import ScheduledRequest
 
 
@@ -20,6 +23,7 @@ class BlockTableRows:
         self.table = torch.zeros(num_rows, width, dtype=torch.int32)
         self._row: dict[str, int] = {}  # request id -> its row
         self._known: dict[str, int] = {}  # request id -> blocks already written in its row
+        self._released: dict[str, int] = {}  # request id -> leading entries of its row nulled
         self._free = list(range(num_rows - 1, -1, -1))
 
     def forget(self, request_ids: Iterable[str]) -> None:
@@ -28,6 +32,7 @@ class BlockTableRows:
             row = self._row.pop(request_id, None)
             if row is not None:
                 self._known.pop(request_id)
+                self._released.pop(request_id, None)
                 self._free.append(row)
 
     def rows(self, items: Sequence[ScheduledRequest]) -> torch.Tensor:
@@ -45,6 +50,10 @@ class BlockTableRows:
                     self._widen(len(table))
                 self.table[row, known : len(table)] = torch.tensor(table[known:], dtype=torch.int32)
                 self._known[item.request_id] = len(table)
+            released = self._released.get(item.request_id, 0)
+            if item.num_released_blocks > released:  # entries written before they were released
+                self.table[row, released : item.num_released_blocks] = NULL_BLOCK
+                self._released[item.request_id] = item.num_released_blocks
             index.append(row)
         return self.table[torch.tensor(index, dtype=torch.long)]
 

@@ -42,6 +42,9 @@ class CacheConfig:
     gpu_memory_utilization: float = 0.85  # fraction of free GPU memory after the weights (CUDA only)
     cpu_kv_cache_memory: int = 1 << 30  # default budget on CPU
     enable_prefix_caching: bool = True
+    # Where every layer is windowed, give back the blocks that fell out of the window as a request
+    # moves on (bounded KV per request); off only to compare.
+    release_out_of_window_blocks: bool = True
 
     def __post_init__(self) -> None:
         if self.block_size < 1:

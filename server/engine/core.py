@@ -18,6 +18,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 
+from attnserve.model.config import ModelConfig
 from attnserve.model.invariance import linear_row_invariance_failures
 from attnserve.model.loader import LoadedModel
 from attnserve.server.engine.block_manager import BlockManager
@@ -141,6 +142,7 @@ class Engine:
             config.cache.block_size,
             enable_prefix_caching=config.cache.enable_prefix_caching,
             cache_salt=f"{loaded.source}|{loaded.config.architecture}|{loaded.model.dtype}".encode(),
+            sliding_window=_common_window(loaded.config) if config.cache.release_out_of_window_blocks else None,
         )
         graph_decode = config.graph_decode if config.graph_decode is not None else self.runner.device.type == "cuda"
         if graph_decode:
@@ -431,6 +433,13 @@ class Engine:
                     d[2].error = f"{type(exc).__name__}: {exc}"
                     deliveries.append(d)
         self._deliver(deliveries)
+
+
+def _common_window(config: ModelConfig) -> int | None:
+    """The window every layer keeps (the widest, were they to differ), or None where a layer sees
+    the whole context: only then may a request's blocks behind the window be given back."""
+    windows = [config.layer_window(i) for i in range(config.num_layers)]
+    return None if None in windows else max(w for w in windows if w is not None)
 
 
 def _put_all(items: list[tuple[RequestStream, RequestOutput]]) -> None:

@@ -36,6 +36,8 @@ class ScheduledRequest:
     # (A request recomputed after preemption does not report its prompt twice.)
     report_prompt_from: int | None = None
     next_token_id: int | None = None  # the known token after this chunk (prompt logprobs of its last row)
+    # The first entries of block_table released out of a sliding window (now the null block); only grows.
+    num_released_blocks: int = 0
 
     @property
     def seq_len(self) -> int:

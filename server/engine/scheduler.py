@@ -13,7 +13,8 @@ chunked prefill (part of a prompt) and recompute after preemption are the same
 code path. Running requests go first, then waiting ones, both in (priority,
 arrival) order: lower priority values first, first come first served within one.
 When blocks run out, the last running request in that order is preempted: its
-blocks are freed and it waits to recompute. A waiting request of a better
+blocks are freed and it waits to recompute. Where every layer of the model is windowed, a
+request's blocks that fell out of the window are released as it computes (BlockManager). A waiting request of a better
 priority than a running one preempts it when there is no room for it.
 
 Two kinds of requests are held back without losing their place:
@@ -157,6 +158,7 @@ class Scheduler:
             return  # prompt rows are due for every position: nothing may be skipped
         cached = self.block_manager.match_prefix(request)
         request.num_computed_tokens = cached
+        self.block_manager.release_out_of_window(request)  # a long cached prefix: only its window is kept
         if request.num_preemptions == 0:
             request.num_cached_tokens = cached
 
@@ -202,6 +204,7 @@ class Scheduler:
                 token_ids=request.token_slice(start, end),
                 num_computed_tokens=start,
                 block_table=request.block_table,  # no copy per step: it only grows between steps
+                num_released_blocks=self.block_manager.num_released(request),
                 params=request.params,
                 num_output_tokens=len(request.output_token_ids),
                 num_prompt_tokens=request.num_prompt_tokens,
@@ -240,6 +243,7 @@ class Scheduler:
                     request.num_prompt_reported, min(request.num_computed_tokens, request.num_prompt_tokens)
                 )
             self.block_manager.cache_full_blocks(request)
+            self.block_manager.release_out_of_window(request)  # after caching: a released block keeps its key
             delta = RequestDelta(
                 item.request_id,
                 attention=result.attention.get(item.request_id, []),

@@ -2,7 +2,8 @@
 
 transformers (eager attention) is the reference: logits, greedy tokens through the engine with
 prompts longer than the window (chunked, so the window crosses chunk and cache boundaries), and
-attention rows that are zero outside the window.
+attention rows that are zero outside the window. Every layer being windowed, the engine gives back
+the blocks a request left behind the window: bounded KV, the same tokens and logprobs.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ from attnserve.model.attention import causal_mask
 from attnserve.model.config import ModelConfig
 from attnserve.model.errors import ModelLoadError
 from attnserve.model.loader import LoadedModel, load_model
+from attnserve.server.engine.core import Engine
 from attnserve.server.engine.request import AttentionOptions, HeadReduction, SamplingParams, WeightsDtype
-from tests.helpers import forward_all, save_tiny_hf_model, write_byte_tokenizer
-from tests.server.engine_utils import make_engine
+from tests.helpers import forward_all, save_tiny_hf_model, transformers_greedy, write_byte_tokenizer
+from tests.server.engine_utils import make_engine, run_together
 
 WINDOW = 8
 
@@ -117,3 +119,56 @@ def test_qwen2_windows_on_some_layers_are_refused_not_ignored() -> None:
     assert ModelConfig.from_hf_config(base).sliding_window is None  # use_sliding_window false: no window
     with pytest.raises(ModelLoadError, match="use_sliding_window"):
         ModelConfig.from_hf_config({**base, "use_sliding_window": True})
+
+
+def _most_blocks_held(engine: Engine) -> list[int]:
+    """Blocks held by requests after each step (appended on the engine's thread)."""
+    held: list[int] = []
+    manager = engine.block_manager
+    usable = manager.num_blocks - (manager.sliding_window is not None)  # the null block is not anyone's
+    engine.step_observers.append(lambda _: held.append(usable - manager.num_free_blocks))
+    return held
+
+
+@pytest.mark.parametrize("batch_invariant", [True, False], ids=["invariant", "fast-path"])
+def test_blocks_behind_the_window_are_given_back_and_nothing_else_changes(
+    mistral: tuple[object, LoadedModel], batch_invariant: bool
+) -> None:
+    """Two requests generate 200 tokens each, far past the window: given back, the blocks they hold
+    stay bounded by the window and a step's chunk; tokens, logprobs and attention rows are bit-identical
+    to an engine that keeps every block, and tokens and logprobs equal (within 1e-4) to transformers'
+    cached greedy generation."""
+    hf, ours = mistral
+    batch = prompts((30, 41), seed=3)
+    # The generated tokens' attention rows too: the explicit path reads a table whose first entries are
+    # the null block by then (and masks them: the rows must be bit-identical, zero outside the window).
+    rows = AttentionOptions(layers=(1,), reduction=HeadReduction.NONE, dtype=WeightsDtype.FLOAT32)
+    params = SamplingParams(max_tokens=200, ignore_eos=True, logprobs=3, attention=rows)
+    runs = {}
+    for release in (True, False):
+        engine = make_engine(
+            ours,
+            max_num_batched_tokens=12,
+            block_size=4,
+            release_out_of_window_blocks=release,
+            batch_invariant=batch_invariant,  # the fast path reads whole tables (null block included) and masks
+        )
+        held = _most_blocks_held(engine)
+        try:
+            runs[release] = (run_together(engine, batch, params), max(held))
+        finally:
+            engine.shutdown(5)
+    (kept, most_kept), (released, most_released) = runs[False], runs[True]
+    print(f"KV blocks held at most (window {WINDOW}, block size 4): {most_released} released, {most_kept} kept")
+    # Per request: the window's 8 positions and a 12-token chunk over at most 6 blocks, and the one it fills.
+    assert most_released <= 2 * 6, most_released
+    assert most_kept >= 100  # nearly (30 + 200) / 4 + (41 + 200) / 4: a request frees its own as it ends
+    for a, b in zip(released, kept, strict=True):
+        assert a.token_ids == b.token_ids and a.logprobs == b.logprobs and a.attention == b.attention
+        assert len(a.attention) == 200 and a.attention[-1].context_len > 200
+    for prompt, out in zip(batch, released, strict=True):
+        tokens, logits = transformers_greedy(hf, prompt, 200)
+        assert out.token_ids == tokens
+        expected = [float(torch.log_softmax(step, -1)[t]) for step, t in zip(logits, tokens, strict=True)]
+        diff = max(abs(got.logprob - want) for got, want in zip(out.logprobs, expected, strict=True))
+        assert diff <= 1e-4, diff

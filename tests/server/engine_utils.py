@@ -21,6 +21,7 @@ def make_engine(
     max_num_batched_tokens: int = 512,
     max_num_waiting: int = 256,
     enable_prefix_caching: bool = True,
+    release_out_of_window_blocks: bool = True,
     batch_invariant: bool = True,
     start: bool = True,
 ) -> Engine:
@@ -29,7 +30,10 @@ def make_engine(
             max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs, max_num_waiting=max_num_waiting
         ),
         cache=CacheConfig(
-            block_size=block_size, kv_cache_memory=kv_cache_memory, enable_prefix_caching=enable_prefix_caching
+            block_size=block_size,
+            kv_cache_memory=kv_cache_memory,
+            enable_prefix_caching=enable_prefix_caching,
+            release_out_of_window_blocks=release_out_of_window_blocks,
         ),
         batch_invariant=batch_invariant,
     )

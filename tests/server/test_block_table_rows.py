@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from attnserve.server.engine.block_manager import NULL_BLOCK
 from attnserve.server.engine.block_table_rows import BlockTableRows
 from attnserve.server.engine.records import ScheduledRequest
 from attnserve.server.engine.request import SamplingParams
@@ -34,3 +35,13 @@ def test_a_preempted_request_comes_back_with_new_blocks() -> None:
     rows.forget(["a"])  # preempted: its blocks went back
     assert rows.rows([item("a", [6, 7, 8])])[0, :3].tolist() == [6, 7, 8]
     assert torch.equal(rows.rows([item("a", [6, 7, 8])]), rows.rows([item("a", [6, 7, 8])]))
+
+
+def test_entries_released_out_of_a_window_are_nulled_in_the_row() -> None:
+    rows = BlockTableRows()
+    table = [3, 4, 5]
+    assert rows.rows([item("a", table)])[0, :3].tolist() == [3, 4, 5]
+    table[:2] = [NULL_BLOCK, NULL_BLOCK]  # the block manager released the first two
+    table.append(6)
+    released = ScheduledRequest("a", [1], 0, table, SamplingParams(), 0, 1, True, num_released_blocks=2)
+    assert rows.rows([released])[0, :4].tolist() == [NULL_BLOCK, NULL_BLOCK, 5, 6]

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from attnserve.client import AsyncClient, Client
-from tests.helpers import save_tiny_hf_model, write_byte_tokenizer
+from tests.helpers import save_tiny_hf_model, transformers_greedy, write_byte_tokenizer
 from tests.server.server_process import ServerProcess
 from tests.server.test_family_invariance import FAMILIES as _OTHER_FAMILIES
 
@@ -71,16 +71,6 @@ async def _together(target: str, prompts: list[list[int]]) -> list[list[int]]:
     return [list(r.completions[0].token_ids) for r in replies]
 
 
-def _transformers_greedy(hf: Any, prompt: list[int]) -> list[int]:
-    from transformers import GenerationConfig
-
-    # No EOS: the server was told to ignore it, so transformers must not stop on it either.
-    config = GenerationConfig(max_new_tokens=MAX_TOKENS, do_sample=False, eos_token_id=None, pad_token_id=0)
-    with torch.inference_mode():
-        out = hf.generate(torch.tensor([prompt]), generation_config=config)
-    return out[0, len(prompt) :].tolist()
-
-
 def test_greedy_tokens_alone_among_15_others_and_against_transformers(
     server: ServerProcess, family_folder: tuple[Path, Any]
 ) -> None:
@@ -93,4 +83,4 @@ def test_greedy_tokens_alone_among_15_others_and_against_transformers(
     assert len(alone) == MAX_TOKENS and all(len(t) == MAX_TOKENS for t in together)
     assert together[0] == alone, f"{dtype}: among 15 others {together[0]} != alone {alone}"
     if "float32" in dtype:
-        assert alone == _transformers_greedy(family_folder[1], prompts[0])
+        assert alone == transformers_greedy(family_folder[1], prompts[0], MAX_TOKENS)[0]

@@ -116,3 +116,74 @@ def test_a_forced_hash_collision_is_a_miss(monkeypatch: pytest.MonkeyPatch) -> N
     assert bm.match_prefix(second) == 0 and second.block_table == []
     same = req("c", [1, 2, 3, 4, 99, 98, 97, 96, 95])
     assert bm.match_prefix(same) == 4 and same.block_table == first.block_table[:1]  # true hits still hit
+
+
+# ------------------------------------------------------------- sliding windows
+def generate(bm: BlockManager, r: Request, num_tokens: int) -> int:
+    """Compute the prompt, then decode num_tokens one at a time as the scheduler does (release after
+    caching); the most blocks the request held at once."""
+    computed(bm, r, r.num_tokens)
+    bm.release_out_of_window(r)
+    most = 0
+    for i in range(num_tokens):
+        r.output_token_ids.append(1000 + i)
+        computed(bm, r, r.num_tokens)
+        bm.release_out_of_window(r)
+        most = max(most, len(r.block_table) - bm.num_released(r))
+    return most
+
+
+def test_a_windowed_request_holds_a_bounded_number_of_blocks() -> None:
+    bm = BlockManager(num_blocks=12, block_size=4, sliding_window=8)
+    assert bm.num_free_blocks == 11 and bm.usage == 0.0, "the null block is reserved, and not counted as used"
+    r = req("a", list(range(6)))
+    most = generate(bm, r, 200)  # 206 tokens: 52 blocks' worth through 11
+    # The next token at position p sees p - 7 .. p: 8 positions, over at most 3 blocks, plus the one it fills.
+    assert most <= 4, most
+    assert r.block_table[: bm.num_released(r)] == [block_manager.NULL_BLOCK] * bm.num_released(r)
+    assert block_manager.NULL_BLOCK not in r.block_table[bm.num_released(r) :]
+    assert bm.num_released(r) == (206 - 8 + 1) // 4
+    bm.free(r)
+    assert bm.num_free_blocks == 11 and r.block_table == []
+    assert [b.ref_count for b in bm.blocks] == [1] + [0] * 11, "freed once each; the null block stays held"
+
+
+def test_without_a_window_nothing_is_released() -> None:
+    bm = BlockManager(num_blocks=64, block_size=4)
+    r = req("a", list(range(6)))
+    assert generate(bm, r, 40) == 12 and bm.num_released(r) == 0
+    assert bm.num_free_blocks == 64 - 12
+
+
+def test_released_blocks_shared_with_another_request_keep_their_kv() -> None:
+    bm = BlockManager(num_blocks=16, block_size=4, sliding_window=4)
+    shared = list(range(100, 112))  # three full blocks
+    a = req("a", [*shared, 1])
+    computed(bm, a, a.num_tokens)
+    b = req("b", [*shared, 2])
+    assert bm.match_prefix(b) == 12
+    b.num_computed_tokens = 12
+    prefix = list(b.block_table)
+    assert bm.release_out_of_window(a) == 2  # a's next token (position 13) sees 10..13: blocks 0 and 1 go
+    assert [bm.blocks[i].ref_count for i in prefix] == [1, 1, 2], "b still holds the released blocks"
+    assert bm.release_out_of_window(b) == 2  # b's next token (position 12) sees 9..12
+    assert [bm.blocks[i].ref_count for i in prefix] == [0, 0, 2]
+    # Released, not forgotten: a third request with the same prefix still finds every block.
+    c = req("c", [*shared, 3])
+    assert bm.match_prefix(c) == 12 and c.block_table == prefix
+    c.num_computed_tokens = 12
+    bm.release_out_of_window(c)
+    for r in (a, b, c):
+        bm.free(r)
+    assert [b.ref_count for b in bm.blocks[1:]] == [0] * 15
+
+
+def test_released_blocks_are_registered_before_they_go() -> None:
+    """Blocks computed and released in one go (a long chunk) keep their prefix-cache keys."""
+    bm = BlockManager(num_blocks=16, block_size=4, sliding_window=4)
+    a = req("a", list(range(30)))
+    computed(bm, a, 30)
+    assert bm.release_out_of_window(a) == 6  # position 30 sees 27..30: blocks 0..5 go, 6 and 7 stay
+    bm.free(a)
+    b = req("b", [*range(30), 5])
+    assert bm.match_prefix(b) == 28, "the released blocks are still cached"

@@ -340,3 +340,41 @@ def test_constraint_dead_ends_the_request_without_its_token_and_done_stops_it() 
     assert deltas["done"].finish_reason is FinishReason.STOP and deltas["done"].new_token_ids == [7]
     assert deltas["free"].finish_reason is None
     assert set(s.requests) == {"free"}
+
+
+def test_a_windowed_model_gives_back_blocks_behind_the_window_as_requests_move_on() -> None:
+    """Every layer windowed (8 positions): two requests generate 120 tokens each in 16-block cache
+    (without releasing they would need 2 x 32); the plan tells the runner which entries went."""
+    config = SchedulerConfig(max_num_batched_tokens=16, max_num_seqs=4, max_num_waiting=4, max_model_len=256)
+    s = Scheduler(config, BlockManager(16, 4, sliding_window=8), clock=FakeClock())
+    a, b = add(s, "a", 10, max_tokens=120), add(s, "b", 3, max_tokens=120)
+    most_held, released_seen = 0, 0
+    while s.has_work:
+        plan = s.schedule()
+        for item in plan.requests:
+            assert item.num_released_blocks == s.block_manager.num_released(s.requests[item.request_id])
+            released_seen = max(released_seen, item.num_released_blocks)
+        run(s, plan)
+        most_held = max(most_held, 15 - s.block_manager.num_free_blocks)
+    assert s.num_preemptions == 0 and len(a.output_token_ids) == len(b.output_token_ids) == 120
+    assert most_held <= 8 and released_seen >= 25, (most_held, released_seen)
+    assert s.block_manager.num_free_blocks == 15
+
+
+def test_a_preempted_windowed_request_comes_back_through_the_prefix_cache_keeping_only_its_window() -> None:
+    config = SchedulerConfig(max_num_batched_tokens=32, max_num_seqs=4, max_num_waiting=4, max_model_len=256)
+    s = Scheduler(config, BlockManager(64, 4, sliding_window=4), clock=FakeClock())
+    r = add(s, "a", 20, max_tokens=30)
+    for _ in range(6):  # the prompt, then five tokens
+        run(s, s.schedule())
+    assert s.block_manager.num_released(r) == (25 - 4 + 1) // 4
+    s._preempt(r)
+    assert r.block_table == [] and s.block_manager.num_released(r) == 0
+    plan = s.schedule()  # readmitted: its 24 cached tokens are hit, and those behind the window let go again
+    assert plan.requests[0].num_computed_tokens == 24
+    assert plan.requests[0].num_released_blocks == s.block_manager.num_released(r) == (24 - 4 + 1) // 4
+    run(s, plan)
+    while s.has_work:
+        run(s, s.schedule())
+    assert len(r.output_token_ids) == 30 and r.num_preemptions == 1
+    assert s.block_manager.num_free_blocks == 63
