@@ -28,6 +28,8 @@ def cap_primitive_caches(capacity: int = DEFAULT_CAPACITY) -> dict[str, str]:
 
     Returns the values in effect. A no-op if called after the process's first oneDNN primitive.
     """
+    if capacity < 1:  # ideep's cache at 0 crashes the process at its first linear (seen: SIGSEGV)
+        raise ValueError(f"capacity must be >= 1, got {capacity}")
     for name in CAPACITY_VARIABLES:
         os.environ.setdefault(name, str(capacity))
     return {name: os.environ[name] for name in CAPACITY_VARIABLES}
