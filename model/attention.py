@@ -451,7 +451,7 @@ def paged_decode_attention(
     if q.is_cuda:
         from attnserve.model.kernels import triton_decode  # Triton is needed (and present) only with CUDA
 
-        return triton_decode.paged_decode_attention(q, layer_cache, block_tables, seq_lens, scale)
+        return triton_decode.split_paged_decode_attention(q, layer_cache, block_tables, seq_lens, scale)
     if layer_cache.dtype not in cpu_sparse.SPARSE_DTYPES:
         return cpu_sparse.per_sequence_decode_attention(q, layer_cache, block_tables, seq_lens.tolist(), scale)
     if cpu_layouts is None:

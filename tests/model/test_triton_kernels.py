@@ -38,7 +38,7 @@ def _check_decode(decode: ModuleType, *, block_size: int, group: int, head_dim: 
     q = qk.to(device, dtype)[:, :num_heads]
     seq_lens = torch.tensor(lens, dtype=torch.int32, device=device)
     scale = head_dim**-0.5
-    out = decode.paged_decode_attention(q, cache, tables.to(device), seq_lens, scale, num_splits=splits)
+    out = decode.split_paged_decode_attention(q, cache, tables.to(device), seq_lens, scale, num_splits=splits)
     assert out.shape == q.shape and out.dtype == dtype
     for row, n in enumerate(lens):
         expected = reference_paged_attention(q[row : row + 1].cpu(), cache.cpu(), tables[row], n, scale)[0]
