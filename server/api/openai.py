@@ -89,6 +89,19 @@ def create_app(door: HttpDoor, *, explorer: bool = True) -> FastAPI:
     """The HTTP door's routes; ``explorer``: also serve the attention explorer page at / (--no-explorer)."""
     app = FastAPI(title="attnserve", docs_url=None, redoc_url=None, openapi_url="/openapi.json")
     app.add_middleware(BodyLimit, max_bytes=door.service.limits.max_request_bytes)
+    _refusals_in_openai_shape(app)
+    _bearer_token(app, door.token)
+    _routes(app, door)
+    if explorer:
+        from attnserve.server.api.explorer import add_explorer_routes
+
+        add_explorer_routes(app)
+    return app
+
+
+def _refusals_in_openai_shape(app: FastAPI) -> None:
+    """FastAPI's own refusals (bodies of the wrong types, unparsable bodies, unknown routes) answer
+    in the OpenAI error shape like every other error."""
 
     @app.exception_handler(RequestValidationError)
     async def bad_body(_request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -110,16 +123,20 @@ def create_app(door: HttpDoor, *, explorer: bool = True) -> FastAPI:
             exc.status_code, message, code={404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
         )
 
+
+def _bearer_token(app: FastAPI, token: str | None) -> None:
+    """With --auth-token-file, every /v1/ route asks for the token (/tokenize checks it itself)."""
+
     @app.middleware("http")
     async def bearer_token(request: Request, call_next: Callable[[Request], Any]) -> Response:
-        if door.token and request.url.path.startswith("/v1/"):
-            sent = request.headers.get("authorization", "").encode()
-            if not hmac.compare_digest(sent, f"Bearer {door.token}".encode()):
-                return error_response(
-                    401, "missing or wrong API key: send 'Authorization: Bearer <token>'", code="invalid_api_key"
-                )
+        if token and request.url.path.startswith("/v1/") and not _bearer_matches(request, token):
+            return error_response(
+                401, "missing or wrong API key: send 'Authorization: Bearer <token>'", code="invalid_api_key"
+            )
         return await call_next(request)
 
+
+def _routes(app: FastAPI, door: HttpDoor) -> None:
     @app.get("/health")
     async def health() -> Response:
         return Response(status_code=200 if door.is_serving() else 503)
@@ -162,12 +179,6 @@ def create_app(door: HttpDoor, *, explorer: bool = True) -> FastAPI:
         if door.token and not _bearer_matches(request, door.token):  # outside /v1/: the middleware skips it
             return error_response(401, "missing or wrong API key: send 'Authorization: Bearer <token>'")
         return await _tokenize(door, body)
-
-    if explorer:
-        from attnserve.server.api.explorer import add_explorer_routes
-
-        add_explorer_routes(app)
-    return app
 
 
 class TokenizeBody(BaseModel):
