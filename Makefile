@@ -125,10 +125,15 @@ image:  ## build the CPU image (attnserve:cpu) with podman or docker
 deploy-smoke: install model  ## build the CPU image offline with podman, run it, call it, drain it (several minutes)
 	bash deploy/smoke.sh
 
-lint: install  ## ruff, and buf lint on the public API
+# buf breaking compares proto/ with the published API: the commit named in proto/BREAKING_BASELINE.
+BUF_BASELINE = $(shell grep -v '^\#' proto/BREAKING_BASELINE)
+lint: install  ## ruff, buf lint and buf breaking (against proto/BREAKING_BASELINE) on the public API
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	cd proto && ../$(VENV)/bin/buf lint
+	rm -rf $(VENV)/buf-baseline && mkdir -p $(VENV)/buf-baseline
+	git archive $(BUF_BASELINE) proto | tar -x -C $(VENV)/buf-baseline
+	cd proto && ../$(VENV)/bin/buf breaking --against ../$(VENV)/buf-baseline/proto
 
 clean:  ## remove the venv and caches (keeps the downloaded model)
 	rm -rf $(VENV) .pytest_cache .ruff_cache .hypothesis

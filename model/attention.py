@@ -452,14 +452,14 @@ def decode_attention(
     if q.is_cuda:
         from attnserve.model.kernels import triton_decode
 
-        return triton_decode.paged_decode_attention(
+        return triton_decode.split_paged_decode_attention(
             q, layer_cache, meta.decode_block_tables, meta.decode_seq_lens, scale, window=window, softcap=softcap
         )
-    if not q.is_cuda and layer_cache.dtype not in cpu_sparse.SPARSE_DTYPES:
+    if layer_cache.dtype not in cpu_sparse.SPARSE_DTYPES:
         return cpu_sparse.per_sequence_decode_attention(
             q, layer_cache, meta.decode_block_tables, meta.decode_seq_lens_host, scale
         )
-    layouts = None if q.is_cuda else meta.cpu_layouts(q.shape[1], layer_cache, decode_only=True)
+    layouts = meta.cpu_layouts(q.shape[1], layer_cache, decode_only=True)
     return paged_decode_attention(
         q, layer_cache, meta.decode_block_tables, meta.decode_seq_lens, scale, cpu_layouts=layouts
     )
@@ -481,7 +481,7 @@ def paged_decode_attention(
     if q.is_cuda:
         from attnserve.model.kernels import triton_decode  # Triton is needed (and present) only with CUDA
 
-        return triton_decode.paged_decode_attention(q, layer_cache, block_tables, seq_lens, scale)
+        return triton_decode.split_paged_decode_attention(q, layer_cache, block_tables, seq_lens, scale)
     if layer_cache.dtype not in cpu_sparse.SPARSE_DTYPES:
         return cpu_sparse.per_sequence_decode_attention(q, layer_cache, block_tables, seq_lens.tolist(), scale)
     if cpu_layouts is None:

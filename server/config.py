@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from attnserve.model.fetch import default_model_path
-from attnserve.server.api.validation import RequestLimits, SamplingDefaults
+from attnserve.server.api.records import RequestLimits, SamplingDefaults
 from attnserve.server.engine.config import CacheConfig, EngineConfig, ParallelConfig, SchedulerConfig, StreamConfig
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)

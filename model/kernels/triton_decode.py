@@ -159,7 +159,7 @@ def dot_precision(dtype: torch.dtype) -> str | None:
     return "ieee" if dtype == torch.float32 else None
 
 
-def paged_decode_attention(
+def split_paged_decode_attention(
     q: torch.Tensor,  # (B, H, D)
     layer_cache: torch.Tensor,  # (2, num_blocks, block_size, Hkv, D)
     block_tables: torch.Tensor,  # (B, max_blocks) int32
@@ -170,8 +170,12 @@ def paged_decode_attention(
     window: int | None = None,
     softcap: float | None = None,
 ) -> torch.Tensor:
-    """Attention of one query per sequence over its cached context (its last ``window`` positions),
-    scores soft-capped by ``softcap``. Returns (B, H, D) in q's dtype."""
+    """Attention of one query per sequence over its cached context (its last ``window`` positions,
+    scores soft-capped by ``softcap``), each context split in up to ``num_splits`` parts (a program
+    each) and merged. Returns (B, H, D) in q's dtype.
+
+    The Triton launcher behind model.attention.paged_decode_attention (which picks the device's path).
+    """
     batch, num_heads, head_dim = q.shape
     _, _, block_size, num_kv_heads, _ = layer_cache.shape
     group = num_heads // num_kv_heads

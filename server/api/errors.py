@@ -9,7 +9,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Sequence
 
-from attnserve.server.api.validation import FieldError, RequestInvalid
+from attnserve.server.api.records import FieldError, RequestInvalid
 from attnserve.server.engine.errors import DuplicateRequestError, EngineStoppedError, QueueFullError
 
 

@@ -19,9 +19,7 @@ import grpc
 
 from attnserve.server.api.errors import ErrorKind, ServiceError
 from attnserve.server.api.inspection import AblationSpec, InspectionSpec, LensSpec, ResidualSpec, SteeringSpec
-from attnserve.server.api.serving import CompletionDelta, GenerationService, ServerInfo
-from attnserve.server.api.tools import ToolCallParser, ToolSpec, parse_whole
-from attnserve.server.api.validation import (
+from attnserve.server.api.records import (
     AttentionSpec,
     ChatTurn,
     ConstraintSpec,
@@ -29,7 +27,9 @@ from attnserve.server.api.validation import (
     GenerationRequest,
     Prompt,
 )
-from attnserve.server.engine.outputs import Timings, Usage
+from attnserve.server.api.serving import CompletionDelta, GenerationService, ServerInfo, WholeResponse
+from attnserve.server.api.tools import ToolCallParser, ToolSpec, parse_whole
+from attnserve.server.engine.outputs import RequestOutput, Timings, Usage
 from attnserve.server.engine.records import AttentionRow, LensRow, ResidualRow, TokenLogprobs
 from attnserve.server.engine.request import FinishReason, WeightsDtype
 from attnserve.v1 import generate_pb2 as pb
@@ -300,35 +300,42 @@ def stream_messages(delta: CompletionDelta, max_bytes: int) -> Iterator[pb.Gener
             message, size = pb.GenerateStreamResponse(request_id=delta.request_id, index=delta.index), 0
         getattr(message, name).append(row)
         size += row_size
+    _set_tokens(message, out)
+    _set_totals(message, delta.usage, delta.timings)
+    yield message
+
+
+def generate_response(whole: WholeResponse) -> pb.GenerateResponse:
+    """A unary answer from the service's whole response: one Completion per index, the prompt's
+    logprobs (completion 0 carries them) and the totals at the top."""
+    response = pb.GenerateResponse(request_id=whole.request_id)
+    for index, out in whole.completions:
+        completion = response.completions.add(index=index)
+        _set_tokens(completion, out)
+        completion.attention.extend(_row(r) for r in out.attention)
+        completion.residuals.extend(_residual(r) for r in out.residuals)
+        completion.logit_lens.extend(_lens(r) for r in out.lens)
+        response.prompt_logprobs.extend(_prompt_logprobs(out.prompt_logprobs))
+    _set_totals(response, whole.usage, whole.timings)
+    return response
+
+
+def _set_tokens(message: pb.Completion | pb.GenerateStreamResponse, out: RequestOutput) -> None:
+    """Token ids, text, logprobs and the finish fields, which a Completion and a stream message share."""
     message.token_ids.extend(out.token_ids)
     message.text = out.text
     message.logprobs.extend(_logprobs(out.token_ids, out.logprobs))
     if out.finish_reason is not None:
         _finish(message, out.finish_reason, out.stop_reason)
-    if delta.usage is not None:
-        message.usage.CopyFrom(_usage(delta.usage))
-    if delta.timings is not None:
-        message.timings.CopyFrom(_timings(delta.timings))
-    yield message
 
 
-def _add_to_response(response: pb.GenerateResponse, delta: CompletionDelta) -> None:
-    while len(response.completions) <= delta.index:
-        response.completions.add(index=len(response.completions))
-    completion, out = response.completions[delta.index], delta.output
-    completion.token_ids.extend(out.token_ids)
-    completion.text += out.text
-    completion.logprobs.extend(_logprobs(out.token_ids, out.logprobs))
-    completion.attention.extend(_row(r) for r in out.attention)
-    completion.residuals.extend(_residual(r) for r in out.residuals)
-    completion.logit_lens.extend(_lens(r) for r in out.lens)
-    response.prompt_logprobs.extend(_prompt_logprobs(out.prompt_logprobs))
-    if out.finish_reason is not None:
-        _finish(completion, out.finish_reason, out.stop_reason)
-    if delta.usage is not None:
-        response.usage.CopyFrom(_usage(delta.usage))
-    if delta.timings is not None:
-        response.timings.CopyFrom(_timings(delta.timings))
+def _set_totals(
+    message: pb.GenerateResponse | pb.GenerateStreamResponse, usage: Usage | None, timings: Timings | None
+) -> None:
+    if usage is not None:
+        message.usage.CopyFrom(_usage(usage))
+    if timings is not None:
+        message.timings.CopyFrom(_timings(timings))
 
 
 def server_info_response(info: ServerInfo) -> pb.GetServerInfoResponse:
@@ -409,10 +416,10 @@ class GeneratorServicer(pb_grpc.GeneratorServiceServicer):
         self.service = service
 
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
-        response = pb.GenerateResponse(request_id=request.request_id)
+        whole = WholeResponse(request.request_id)
         async for delta in self._deltas(request, context, whole_response=True):
-            response.request_id = delta.request_id
-            _add_to_response(response, delta)
+            whole.add(delta)
+        response = generate_response(whole)
         if parses_tool_calls(request):
             for completion in response.completions:
                 _with_tool_calls(completion, self.service.rules.tool_format)

@@ -22,8 +22,8 @@ from attnserve.server.api.inspection import (
     SteeringSpec,
     float32_bytes,
 )
+from attnserve.server.api.records import AttentionSpec, ChatTurn, ConstraintSpec, FieldError, GenerationRequest
 from attnserve.server.api.tools import ToolSpec
-from attnserve.server.api.validation import AttentionSpec, ChatTurn, ConstraintSpec, FieldError, GenerationRequest
 
 # Integer fields hold exactly what their gRPC twins can (proto types in generate.proto): a value
 # outside is a 400 naming the field here, as it is an INVALID_ARGUMENT there.

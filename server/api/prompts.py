@@ -12,8 +12,8 @@ import json
 from typing import Any
 
 from attnserve.model.tokenizer import Tokenizer
+from attnserve.server.api.records import ChatTurn, FieldError, Prompt, RequestInvalid
 from attnserve.server.api.tools import messages_for_template, template_renders_tools
-from attnserve.server.api.validation import ChatTurn, FieldError, Prompt, RequestInvalid
 
 
 def _turn(turn: ChatTurn) -> dict[str, Any]:

@@ -18,16 +18,14 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from importlib import metadata
 from typing import TYPE_CHECKING
 
-from attnserve.server.api import inspection
 from attnserve.server.api.attention_budget import AttentionBudget
 from attnserve.server.api.errors import ErrorKind, ServiceError, not_ready, service_error
 from attnserve.server.api.prompts import prompt_token_ids
-from attnserve.server.api.tools import template_format
-from attnserve.server.api.validation import (
+from attnserve.server.api.records import (
     CheckedRequest,
     FieldError,
     GenerationRequest,
@@ -36,12 +34,9 @@ from attnserve.server.api.validation import (
     RequestLimits,
     SamplingDefaults,
     ServingRules,
-    attention_shape,
-    check_messages,
-    check_text,
-    fit_prompt,
-    validate,
 )
+from attnserve.server.api.tools import template_format
+from attnserve.server.api.validation import check_messages, check_text, fit_prompt, validate
 from attnserve.server.engine.errors import ConstraintError
 from attnserve.server.engine.outputs import RequestOutput, Timings, Usage
 from attnserve.server.engine.records import EngineInfo, EngineStats
@@ -64,6 +59,28 @@ class CompletionDelta:
     output: RequestOutput
     usage: Usage | None = None
     timings: Timings | None = None
+
+
+@dataclass
+class WholeResponse:
+    """A request's completions gathered whole, for a door that answers with one message (both doors'
+    unary answers): each completion's outputs merged in order, and the totals from the last delta."""
+
+    request_id: str
+    outputs: dict[int, RequestOutput] = field(default_factory=dict)  # completion index -> its whole output
+    usage: Usage | None = None
+    timings: Timings | None = None
+
+    def add(self, delta: CompletionDelta) -> None:
+        self.request_id = delta.request_id
+        self.outputs.setdefault(delta.index, RequestOutput(delta.request_id)).extend(delta.output)
+        self.usage = delta.usage or self.usage
+        self.timings = delta.timings or self.timings
+
+    @property
+    def completions(self) -> list[tuple[int, RequestOutput]]:
+        """(index, whole output) in index order."""
+        return sorted(self.outputs.items())
 
 
 @dataclass(frozen=True)
@@ -148,11 +165,11 @@ class GenerationService:
                 checked = await self._compile(checked, request)
             prompt_ids = await self._build_prompt(checked.prompt)
             outcome.prompt_tokens = len(prompt_ids)
-            params = fit_prompt(checked, len(prompt_ids), self.rules, whole_response=whole_response)
-            if isinstance(params, list):
-                raise RequestInvalid(params)
-            reserved = self._reserve_attention(params, len(prompt_ids), checked.n, whole_response)
-            streams = self._admit(request_id, request.caller, prompt_ids, params, checked, timeout_s)
+            fitted = fit_prompt(checked, len(prompt_ids), self.rules, whole_response=whole_response)
+            if isinstance(fitted, list):
+                raise RequestInvalid(fitted)
+            reserved = self._reserve_attention(fitted.num_payload_bytes, checked.n, whole_response)
+            streams = self._admit(request_id, request.caller, prompt_ids, fitted.params, checked, timeout_s)
             outcome.submitted = True
             async with contextlib.aclosing(_merge(request_id, streams, len(prompt_ids))) as deltas:
                 async for delta in deltas:  # closed however this generator ends: the streams abort at once
@@ -219,11 +236,9 @@ class GenerationService:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._tokenizers, prompt_token_ids, tokenizer, prompt)
 
-    def _reserve_attention(self, params: SamplingParams, num_prompt_tokens: int, n: int, whole_response: bool) -> int:
-        shape = attention_shape(params, num_prompt_tokens, n, self.rules.facts)
-        size = (shape.num_bytes if shape else 0) + inspection.payload_bytes(
-            params, num_prompt_tokens, n, self.rules.facts.hidden_size
-        )
+    def _reserve_attention(self, size: int, n: int, whole_response: bool) -> int:
+        """Reserve what the request asked to see (attention, residuals, lens: ``size`` bytes) against
+        the server's attention memory; 0 if it asked for none."""
         if not size:
             return 0
         # A whole response holds everything at once; a stream holds at most its backlog bound.

@@ -1,11 +1,12 @@
 """Request validation shared by every front door: a wire-neutral request in, engine parameters
 or a list of field errors out.
 
-A door turns its wire message into a :class:`GenerationRequest` and calls
+A door turns its wire message into a :class:`GenerationRequest` (server/api/records.py) and
+the service calls
 
     checked = validate(request, rules)                     # before any templating or tokenizing: cheap
     ...tokenize checked.prompt...
-    params = fit_prompt(checked, num_prompt_tokens, rules, whole_response=...)  # needs the length
+    fitted = fit_prompt(checked, num_prompt_tokens, rules, whole_response=...)  # needs the length
 
 Both return a list of :class:`FieldError` instead when something is wrong. Each error
 names the field by its neutral path (``temperature``, ``token_ids[3]``,
@@ -18,13 +19,21 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, fields, replace
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
 
 from attnserve.server.api import inspection
 from attnserve.server.api.attention_budget import AttentionShape, how_to_shrink
-from attnserve.server.api.inspection import InspectionSpec
-from attnserve.server.api.tools import HERMES, ToolSpec, forcing_grammar
+from attnserve.server.api.records import (
+    ChatTurn,
+    CheckedRequest,
+    FieldError,
+    FittedRequest,
+    GenerationRequest,
+    Prompt,
+    ServingRules,
+)
+from attnserve.server.api.tools import forcing_grammar
 from attnserve.server.engine.records import EngineInfo
 from attnserve.server.engine.request import (
     AttentionOptions,
@@ -45,184 +54,9 @@ _RESPONSE_BYTES_PER_TOKEN = 32
 _RESPONSE_BYTES_PER_LOGPROB = 12
 
 
-@dataclass(frozen=True)
-class RequestLimits:
-    """Per-request limits the doors enforce (server flags)."""
-
-    max_stop_strings: int = 16
-    max_stop_string_chars: int = 256
-    max_logprobs: int = 20
-    max_request_id_chars: int = 256
-    default_max_tokens: int = 256
-    max_n: int = 16
-    max_attention_bytes_per_request: int = 64 << 20
-    attention_memory_budget: int = 512 << 20  # all requests together (AttentionBudget)
-    max_request_bytes: int = 4 << 20  # one request message
-    max_response_bytes: int = 64 << 20  # one response message (the gRPC send limit)
-    max_constraint_compile_s: float = 5.0  # compiling one constraint (schema, regex, grammar)
-
-    def __post_init__(self) -> None:
-        for name in (
-            "max_stop_strings",
-            "max_stop_string_chars",
-            "max_request_id_chars",
-            "default_max_tokens",
-            "max_n",
-            "max_attention_bytes_per_request",
-            "attention_memory_budget",
-            "max_request_bytes",
-            "max_response_bytes",
-        ):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not self.max_constraint_compile_s > 0:
-            raise ValueError(f"max_constraint_compile_s must be > 0, got {self.max_constraint_compile_s}")
-        if self.max_logprobs < 0:
-            raise ValueError(f"max_logprobs must be >= 0, got {self.max_logprobs}")
-
-
-@dataclass(frozen=True)
-class SamplingDefaults:
-    """What an unset sampling field means. Greedy by default: a small model sampled at
-    temperature 1 rambles, and a first call should answer sensibly."""
-
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-
-    def overridden(self, values: Mapping[str, object]) -> SamplingDefaults:
-        """These defaults with the known fields of ``values`` (a generation_config.json, flags) applied."""
-        known = {f.name: f.type for f in fields(self)}
-        picked = {k: v for k, v in values.items() if k in known and isinstance(v, int | float)}
-        return replace(self, **picked)  # type: ignore[arg-type]
-
-
-@dataclass(frozen=True)
-class ServingRules:
-    """Everything a check needs: the engine's facts, the limits and the defaults."""
-
-    facts: EngineInfo
-    limits: RequestLimits = field(default_factory=RequestLimits)
-    defaults: SamplingDefaults = field(default_factory=SamplingDefaults)
-    tool_format: str = HERMES  # how the model's chat template writes tool calls (server/api/tools.py)
-
-
-@dataclass(frozen=True)
-class ChatTurn:
-    role: str
-    content: str
-    # An assistant turn's earlier tool calls: OpenAI's tool_calls, as JSON text (a list).
-    tool_calls_json: str = ""
-    tool_call_id: str = ""  # a tool turn: the call it answers
-
-
-@dataclass(frozen=True)
-class AttentionSpec:
-    """Attention options as sent: layers may be negative, reduction is a name (None = mean)."""
-
-    layers: Sequence[int]
-    head_reduction: str | None = None
-    include_prompt: bool = False
-    dtype: str | None = None  # "float16" (None) or "float32"
-    top_k: int = 0  # 0: whole rows
-    spans: Sequence[tuple[int, int]] = ()  # [start, end) key ranges: each row's sum over each
-
-
 CONSTRAINT_KINDS = {kind.value: kind for kind in ConstraintKind}
 MAX_CONSTRAINT_CHARS = 256 << 10  # a schema, regex or grammar (the engine compiles within its own bounds too)
 MAX_CHOICES = 4096
-
-
-@dataclass(frozen=True)
-class ConstraintSpec:
-    """A constraint as sent. ``field`` is where the door found it (its own wire name), so that a
-    compile error names what the client wrote: ``constraint.regex``, ``response_format``, ``guided_json``."""
-
-    kind: str  # json_schema, json_object, regex, choice, grammar
-    value: str = ""
-    choices: Sequence[str] = ()
-    field: str = "constraint"
-
-
-@dataclass
-class GenerationRequest:
-    """A generation request as a door received it, before any check. ``None`` means "not sent"."""
-
-    prompt: str | None = None
-    messages: Sequence[ChatTurn] | None = None
-    token_ids: Sequence[int] | None = None
-    model: str = ""
-    request_id: str = ""
-    temperature: float | None = None
-    top_k: int | None = None
-    top_p: float | None = None
-    min_p: float | None = None
-    repetition_penalty: float | None = None
-    seed: int | None = None
-    max_tokens: int | None = None
-    stop: Sequence[str] = ()
-    stop_token_ids: Sequence[int] = ()
-    ignore_eos: bool = False
-    logprobs: int | None = None  # None = not asked; n = chosen token plus the top n
-    prompt_logprobs: int | None = None
-    attention: AttentionSpec | None = None
-    n: int | None = None
-    priority: int = 0
-    inspection: InspectionSpec | None = None  # residual reads, logit lens, steering, ablations
-    constraint: ConstraintSpec | None = None
-    # Tool calling (messages only): the functions, and "auto", "none", "required" or "function"
-    # (then tool_choice_name names it).
-    tools: Sequence[ToolSpec] = ()
-    tool_choice: str = "auto"
-    tool_choice_name: str | None = None
-    parallel_tool_calls: bool = True
-    # Who sent it, as the door knows the sender (the gRPC door: its connection): only the
-    # same caller may Abort it. Not a field of any wire message.
-    caller: str = ""
-
-
-@dataclass(frozen=True)
-class FieldError:
-    field: str  # neutral path: "temperature", "token_ids[3]", "messages[0].role"
-    value: object
-    message: str  # what is wrong and the limit
-
-    def __str__(self) -> str:
-        return f"{self.field}: {self.message}"
-
-
-class RequestInvalid(ValueError):
-    """Raised by a door with the errors of one request."""
-
-    def __init__(self, errors: Sequence[FieldError]) -> None:
-        super().__init__("; ".join(map(str, errors)))
-        self.errors = list(errors)
-
-
-@dataclass(frozen=True)
-class Prompt:
-    """Exactly one way the prompt was given. ``kind`` names the field."""
-
-    kind: str  # "prompt", "messages" or "token_ids"
-    text: str | None = None
-    messages: tuple[ChatTurn, ...] = ()
-    token_ids: tuple[int, ...] = ()
-    tools: tuple[ToolSpec, ...] = ()  # rendered by the chat template (or a system turn where it has none)
-
-
-@dataclass(frozen=True)
-class CheckedRequest:
-    """A request that passed every check that does not need its token count."""
-
-    request_id: str
-    prompt: Prompt
-    params: SamplingParams  # max_tokens is provisional until fit_prompt
-    max_tokens_sent: bool
-    n: int
-    priority: int
-    parses_tool_calls: bool = False  # the door looks for tool calls in the output
 
 
 @dataclass
@@ -255,7 +89,7 @@ def validate(request: GenerationRequest, rules: ServingRules) -> CheckedRequest 
 
 def fit_prompt(
     checked: CheckedRequest, num_prompt_tokens: int, rules: ServingRules, *, whole_response: bool
-) -> SamplingParams | list[FieldError]:
+) -> FittedRequest | list[FieldError]:
     """The checks that need the prompt's length: it and max_tokens fit the context, the attention
     weights fit the per-request cap, and a whole (unstreamed) response fits one message."""
     kind, context = checked.prompt.kind, rules.facts.context_length
@@ -283,30 +117,44 @@ def fit_prompt(
                 f"{num_prompt_tokens} tokens, so at most {room}",
             )
         ]
-    errors = _check_attention_size(params, num_prompt_tokens, checked.n, rules)
-    errors = errors or _check_inspection_size(params, num_prompt_tokens, checked.n, rules)
+    payload = _Payload.of(params, num_prompt_tokens, checked.n, rules.facts)
+    errors = _check_attention_size(payload, rules) or _check_inspection_size(params, payload, checked.n, rules)
     if not errors and whole_response:
-        errors = _check_response_size(params, num_prompt_tokens, checked.n, rules)
-    return errors or params
+        errors = _check_response_size(params, payload, num_prompt_tokens, checked.n, rules)
+    return errors or FittedRequest(params, payload.num_bytes)
 
 
-def attention_shape(params: SamplingParams, num_prompt_tokens: int, n: int, facts: EngineInfo) -> AttentionShape | None:
-    if params.attention is None:
-        return None
-    return AttentionShape.of(
-        params.attention,
-        num_prompt_tokens=num_prompt_tokens,
-        max_tokens=params.max_tokens,
-        num_completions=n,
-        num_heads=facts.num_heads,
-    )
+@dataclass(frozen=True)
+class _Payload:
+    """What a request asked to see, sized once for every check that needs it."""
+
+    attention: AttentionShape | None
+    inspection_bytes: int  # residual reads and lens rows
+
+    @classmethod
+    def of(cls, params: SamplingParams, num_prompt_tokens: int, n: int, facts: EngineInfo) -> _Payload:
+        shape = None
+        if params.attention is not None:
+            shape = AttentionShape.of(
+                params.attention,
+                num_prompt_tokens=num_prompt_tokens,
+                max_tokens=params.max_tokens,
+                num_completions=n,
+                num_heads=facts.num_heads,
+            )
+        return cls(shape, inspection.payload_bytes(params, num_prompt_tokens, n, facts.hidden_size))
+
+    @property
+    def attention_bytes(self) -> int:
+        return self.attention.num_bytes if self.attention else 0
+
+    @property
+    def num_bytes(self) -> int:
+        return self.attention_bytes + self.inspection_bytes
 
 
-def _check_attention_size(
-    params: SamplingParams, num_prompt_tokens: int, n: int, rules: ServingRules
-) -> list[FieldError]:
-    shape = attention_shape(params, num_prompt_tokens, n, rules.facts)
-    cap = rules.limits.max_attention_bytes_per_request
+def _check_attention_size(payload: _Payload, rules: ServingRules) -> list[FieldError]:
+    shape, cap = payload.attention, rules.limits.max_attention_bytes_per_request
     if shape is None or shape.num_bytes <= cap:
         return []
     return [
@@ -319,13 +167,9 @@ def _check_attention_size(
     ]
 
 
-def _check_inspection_size(
-    params: SamplingParams, num_prompt_tokens: int, n: int, rules: ServingRules
-) -> list[FieldError]:
+def _check_inspection_size(params: SamplingParams, payload: _Payload, n: int, rules: ServingRules) -> list[FieldError]:
     """Residual vectors and lens rows count against the same per-request cap as attention weights."""
-    size = inspection.payload_bytes(params, num_prompt_tokens, n, rules.facts.hidden_size)
-    shape = attention_shape(params, num_prompt_tokens, n, rules.facts)
-    total, cap = size + (shape.num_bytes if shape else 0), rules.limits.max_attention_bytes_per_request
+    size, total, cap = payload.inspection_bytes, payload.num_bytes, rules.limits.max_attention_bytes_per_request
     if not size or total <= cap:
         return []
     return [
@@ -340,12 +184,10 @@ def _check_inspection_size(
 
 
 def _check_response_size(
-    params: SamplingParams, num_prompt_tokens: int, n: int, rules: ServingRules
+    params: SamplingParams, payload: _Payload, num_prompt_tokens: int, n: int, rules: ServingRules
 ) -> list[FieldError]:
-    shape = attention_shape(params, num_prompt_tokens, n, rules.facts)
     per_token = _RESPONSE_BYTES_PER_TOKEN + _RESPONSE_BYTES_PER_LOGPROB * (1 + (params.logprobs or 0))
-    size = (shape.num_bytes if shape else 0) + n * params.max_tokens * per_token
-    size += inspection.payload_bytes(params, num_prompt_tokens, n, rules.facts.hidden_size)
+    size = payload.num_bytes + n * params.max_tokens * per_token
     if params.prompt_logprobs is not None:
         size += num_prompt_tokens * _RESPONSE_BYTES_PER_LOGPROB * (1 + params.prompt_logprobs)
     limit = rules.limits.max_response_bytes
@@ -353,7 +195,7 @@ def _check_response_size(
         return []
     return [
         FieldError(
-            "attention" if shape else "max_tokens",
+            "attention" if payload.attention else "max_tokens",
             size,
             f"the whole response could reach {size:,} bytes; one response message holds at most {limit:,}: "
             "use GenerateStream (stream: true), which sends it in parts",

@@ -17,15 +17,17 @@ import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
 
 from attnserve.model.config import ModelConfig
 from attnserve.model.invariance import linear_row_invariance_failures
 from attnserve.model.loader import LoadedModel
+from attnserve.model.native_caches import cap_primitive_caches
 from attnserve.server.engine.block_manager import BlockManager
 from attnserve.server.engine.config import EngineConfig
 from attnserve.server.engine.constraints import ConstraintRows, GrammarCompiler
 from attnserve.server.engine.errors import EngineStoppedError
-from attnserve.server.engine.outputs import OutputProcessor, RequestOutput, Timings, Usage
+from attnserve.server.engine.outputs import OutputProcessor, RequestOutput, Timings, Usage, merged_output
 from attnserve.server.engine.records import (
     EngineInfo,
     EngineStats,
@@ -53,7 +55,11 @@ def build_engine(
     CPUs. A pool left behind by the thread that loaded the model (an executor thread lives on)
     tips it over: the engine's workers then sleep between ops and every op pays a wake-up
     (measured at batch 1 on 2 cores: 47 -> 80 ms per decode step). A thread's pool ends with it.
+
+    Before loading (whose weight packing is the process's first oneDNN call), the native per-shape
+    caches are capped: without it RSS climbs ~0.5 GB under mixed prompt lengths (model/native_caches.py).
     """
+    log.info("native per-shape caches: %s", cap_primitive_caches())
     built: list[Engine] = []
     failed: list[BaseException] = []
 
@@ -69,6 +75,14 @@ def build_engine(
     if failed:
         raise failed[0]
     return built[0]
+
+
+@dataclass(frozen=True)
+class Backlog:
+    """What the engine produced for one reader that the reader has not taken yet."""
+
+    tokens: int
+    num_bytes: int  # attention and other inspection payloads
 
 
 class RequestStream:
@@ -93,9 +107,8 @@ class RequestStream:
         return self.request.request_id
 
     @property
-    def backlog(self) -> tuple[int, int]:
-        """(tokens, attention bytes) produced but not yet taken by the reader."""
-        return self.produced_tokens - self.taken_tokens, self.produced_bytes - self.taken_bytes
+    def backlog(self) -> Backlog:
+        return Backlog(self.produced_tokens - self.taken_tokens, self.produced_bytes - self.taken_bytes)
 
     def __aiter__(self) -> AsyncIterator[RequestOutput]:
         return self._iterate()
@@ -120,6 +133,21 @@ class RequestStream:
 
     def _put(self, out: RequestOutput) -> None:
         self._queue.put_nowait(out)
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """An admitted request as the engine thread serves it: where its outputs go and how they are made."""
+
+    loop: asyncio.AbstractEventLoop  # the reader's event loop (outputs are handed over thread-safely)
+    stream: RequestStream
+    processor: OutputProcessor  # token ids -> text, stop strings
+
+
+@dataclass(frozen=True)
+class _Delivery:
+    entry: _Entry
+    out: RequestOutput
 
 
 class Engine:
@@ -154,7 +182,7 @@ class Engine:
         self._lock = threading.Lock()
         self._wakeup = threading.Event()
         self._aborts: deque[tuple[str, FinishReason]] = deque()
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, RequestStream, OutputProcessor]] = {}
+        self._streams: dict[str, _Entry] = {}
         self._ids = itertools.count()
         self._accepting = True
         self._stop = False
@@ -209,8 +237,8 @@ class Engine:
             kv_cache_usage=self.block_manager.usage,
             num_free_blocks=self.block_manager.num_free_blocks,
             num_preemptions=self.scheduler.num_preemptions,
-            num_paused=len(self.scheduler.paused),
-            stream_backlog_bytes=sum(stream.backlog[1] for _, stream, _ in list(self._streams.values())),
+            num_paused=self.scheduler.num_paused,
+            stream_backlog_bytes=sum(entry.stream.backlog.num_bytes for entry in list(self._streams.values())),
         )
 
     # ---------------------------------------------------------------- lifecycle
@@ -290,7 +318,7 @@ class Engine:
         stream = RequestStream(self, request)
         with self._lock:
             self.scheduler.add_request(request)
-            self._streams[request.request_id] = (loop, stream, OutputProcessor(self.tokenizer, request))
+            self._streams[request.request_id] = _Entry(loop, stream, OutputProcessor(self.tokenizer, request))
         self._wakeup.set()
         return stream
 
@@ -310,11 +338,8 @@ class Engine:
         self, prompt_token_ids: Sequence[int], params: SamplingParams, **kwargs: object
     ) -> RequestOutput:
         """Run one request to the end; returns the outputs merged into one."""
-        merged: RequestOutput | None = None
-        async for out in self.add_request(prompt_token_ids, params, **kwargs):  # type: ignore[arg-type]
-            merged = out if merged is None else merge_outputs(merged, out)
-        assert merged is not None
-        return merged
+        stream = self.add_request(prompt_token_ids, params, **kwargs)  # type: ignore[arg-type]
+        return merged_output([out async for out in stream])
 
     # -------------------------------------------------------------------- loop
     def _run(self) -> None:
@@ -332,77 +357,93 @@ class Engine:
     def step(self) -> bool:
         """One schedule -> execute -> update; False if nothing was scheduled."""
         start = time.monotonic()
+        plan = self._plan(start)
+        result = self._execute(plan)
+        if result is None:  # the model step failed: its requests were ended with an error
+            return True
+        self._deliver(self._update(plan, result))
+        self.last_progress = time.monotonic()
+        self._observe(plan, self.last_progress - start)
+        return not plan.is_empty
+
+    def _plan(self, now: float) -> SchedulerOutput:
+        """Pending aborts and back-pressure applied, then the next plan (under the lock: doors add requests)."""
         with self._lock:
             while self._aborts:
                 request_id, reason = self._aborts.popleft()
                 self.scheduler.abort(request_id, reason)
-            self._apply_back_pressure(start)
-            plan = self.scheduler.schedule()
+            self._apply_back_pressure(now)
+            return self.scheduler.schedule()
+
+    def _execute(self, plan: SchedulerOutput) -> RunnerOutput | None:
+        if plan.is_empty:
+            return RunnerOutput()
         try:
-            result = self.runner.execute(plan) if not plan.is_empty else RunnerOutput()
+            return self.runner.execute(plan)
         except Exception as exc:
             log.exception("model step failed; failing its %d requests", len(plan.requests))
             self._fail(plan, exc)
-            return True
+            return None
+
+    def _update(self, plan: SchedulerOutput, result: RunnerOutput) -> list[_Delivery]:
         with self._lock:
             deltas = self.scheduler.update(plan, result)
-            deliveries = [self._output(delta) for delta in deltas]
-        self._deliver([d for d in deliveries if d is not None])
-        duration = time.monotonic() - start
-        self.last_progress = time.monotonic()
-        if not plan.is_empty and self.step_observers:
-            bm = self.block_manager
-            stats = StepStats(
-                num_batched_tokens=plan.num_batched_tokens,
-                num_requests=len(plan.requests),
-                duration_s=duration,
-                num_running=self.scheduler.num_running,
-                num_waiting=self.scheduler.num_waiting,
-                kv_cache_usage=bm.usage,
-                num_preempted=len(plan.preempted_ids),
-                prefix_queries=bm.num_prefix_queries,
-                prefix_hits=bm.num_prefix_hits,
-            )
-            for observe in self.step_observers:
-                observe(stats)
-        return not plan.is_empty
+            return [delivery for delta in deltas if (delivery := self._output(delta)) is not None]
+
+    def _observe(self, plan: SchedulerOutput, duration_s: float) -> None:
+        if plan.is_empty or not self.step_observers:
+            return
+        stats = self._step_stats(plan, duration_s)
+        for observe in self.step_observers:
+            observe(stats)
+
+    def _step_stats(self, plan: SchedulerOutput, duration_s: float) -> StepStats:
+        bm = self.block_manager
+        return StepStats(
+            num_batched_tokens=plan.num_batched_tokens,
+            num_requests=len(plan.requests),
+            duration_s=duration_s,
+            num_running=self.scheduler.num_running,
+            num_waiting=self.scheduler.num_waiting,
+            kv_cache_usage=bm.usage,
+            num_preempted=len(plan.preempted_ids),
+            prefix_queries=bm.num_prefix_queries,
+            prefix_hits=bm.num_prefix_hits,
+        )
 
     def _apply_back_pressure(self, now: float) -> None:
         """Hold back running requests whose reader is behind; end those held back too long."""
         limits = self.config.stream
-        paused = self.scheduler.paused
         for request in self.scheduler.running:
             entry = self._streams.get(request.request_id)
             if entry is None:
                 continue
-            stream = entry[1]
-            tokens, num_bytes = stream.backlog
-            if tokens < limits.max_backlog_tokens and num_bytes < limits.max_backlog_bytes:
+            stream, backlog = entry.stream, entry.stream.backlog
+            if backlog.tokens < limits.max_backlog_tokens and backlog.num_bytes < limits.max_backlog_bytes:
                 stream.paused_since = None
-                paused.discard(request.request_id)
+                self.scheduler.resume(request.request_id)
                 continue
             if stream.paused_since is None:
                 stream.paused_since = now
-                paused.add(request.request_id)
+                self.scheduler.pause(request.request_id)
             elif now - stream.paused_since > limits.stalled_timeout_s:
                 log.warning(
                     "request %s: its reader took nothing for %.0fs (%d tokens, %d attention bytes waiting); ending it",
                     request.request_id,
                     now - stream.paused_since,
-                    tokens,
-                    num_bytes,
+                    backlog.tokens,
+                    backlog.num_bytes,
                 )
                 self.scheduler.abort(request.request_id, FinishReason.STALLED)
 
-    def _output(self, delta: RequestDelta) -> tuple[asyncio.AbstractEventLoop, RequestStream, RequestOutput] | None:
+    def _output(self, delta: RequestDelta) -> _Delivery | None:
         entry = self._streams.get(delta.request_id)
         if entry is None:
             return None
-        loop, stream, processor = entry
-        out = processor.process(delta)
-        stream.produced_tokens += len(out.token_ids)
-        stream.produced_bytes += out.num_attention_bytes
-        request = processor.request
+        out = entry.processor.process(delta)
+        entry.stream.produced_tokens += len(out.token_ids)
+        entry.stream.produced_bytes += out.num_attention_bytes
+        request = entry.processor.request
         if out.finish_reason is not None:
             if not request.is_finished:  # a stop string ended it
                 self.scheduler.finish(request.request_id, out.finish_reason)
@@ -411,12 +452,12 @@ class Engine:
             del self._streams[delta.request_id]
         for observe in self.output_observers:
             observe(request, out)
-        return loop, stream, out
+        return _Delivery(entry, out)
 
-    def _deliver(self, deliveries: list[tuple[asyncio.AbstractEventLoop, RequestStream, RequestOutput]]) -> None:
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[RequestStream, RequestOutput]]] = {}
-        for loop, stream, out in deliveries:
-            by_loop.setdefault(loop, []).append((stream, out))
+    def _deliver(self, deliveries: list[_Delivery]) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list[_Delivery]] = {}
+        for delivery in deliveries:
+            by_loop.setdefault(delivery.entry.loop, []).append(delivery)
         for loop, items in by_loop.items():
             with contextlib.suppress(RuntimeError):  # a closed loop: its readers are gone
                 loop.call_soon_threadsafe(_put_all, items)  # one wake-up of the loop per step
@@ -426,12 +467,9 @@ class Engine:
             for item in plan.requests:
                 self.scheduler.abort(item.request_id, FinishReason.ERROR)
             deltas = self.scheduler.update(SchedulerOutput(), RunnerOutput())
-            deliveries = []
-            for delta in deltas:
-                d = self._output(delta)
-                if d is not None:
-                    d[2].error = f"{type(exc).__name__}: {exc}"
-                    deliveries.append(d)
+            deliveries = [delivery for delta in deltas if (delivery := self._output(delta)) is not None]
+            for delivery in deliveries:
+                delivery.out.error = f"{type(exc).__name__}: {exc}"
         self._deliver(deliveries)
 
 
@@ -442,9 +480,9 @@ def _common_window(config: ModelConfig) -> int | None:
     return None if None in windows else max(w for w in windows if w is not None)
 
 
-def _put_all(items: list[tuple[RequestStream, RequestOutput]]) -> None:
-    for stream, out in items:
-        stream._put(out)
+def _put_all(deliveries: list[_Delivery]) -> None:
+    for delivery in deliveries:
+        delivery.entry.stream._put(delivery.out)
 
 
 def _timings(request: Request) -> Timings:
@@ -456,24 +494,6 @@ def _timings(request: Request) -> Timings:
         total_s=finish - arrival,
         prefill_s=None if first is None or scheduled is None else first - scheduled,
         decode_s=None if first is None else finish - first,
-    )
-
-
-def merge_outputs(a: RequestOutput, b: RequestOutput) -> RequestOutput:
-    return RequestOutput(
-        request_id=a.request_id,
-        token_ids=a.token_ids + b.token_ids,
-        text=a.text + b.text,
-        logprobs=a.logprobs + b.logprobs,
-        attention=a.attention + b.attention,
-        prompt_logprobs=a.prompt_logprobs + b.prompt_logprobs,
-        residuals=a.residuals + b.residuals,
-        lens=a.lens + b.lens,
-        finish_reason=b.finish_reason,
-        stop_reason=b.stop_reason,
-        usage=b.usage,
-        timings=b.timings,
-        error=b.error,
     )
 
 

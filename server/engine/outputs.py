@@ -6,6 +6,7 @@ scheduler knows only token ids): a match finishes the request before the next st
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from attnserve.model.detokenizer import IncrementalDetokenizer, StopStringMatcher
@@ -57,6 +58,34 @@ class RequestOutput:
         """Bytes of the inspection payloads (attention, residuals, lens): what the budgets count."""
         rows = (*self.attention, *self.residuals, *self.lens)
         return sum(row.num_bytes for row in rows)
+
+    def extend(self, later: RequestOutput) -> None:
+        """Append a later output of the same request: how every whole response is built (Engine.generate,
+        both doors' unary answers). Lists grow in place; the end's fields come from the output that has them."""
+        self.token_ids += later.token_ids
+        self.text += later.text
+        self.logprobs += later.logprobs
+        self.attention += later.attention
+        self.prompt_logprobs += later.prompt_logprobs
+        self.residuals += later.residuals
+        self.lens += later.lens
+        self.finish_reason = later.finish_reason or self.finish_reason
+        self.stop_reason = later.stop_reason if later.stop_reason is not None else self.stop_reason
+        self.usage = later.usage or self.usage
+        self.timings = later.timings or self.timings
+        self.error = later.error or self.error
+
+
+def merged_output(outputs: Iterable[RequestOutput]) -> RequestOutput:
+    """One request's stream outputs as one, in order (the outputs themselves are left as they are)."""
+    merged: RequestOutput | None = None
+    for out in outputs:
+        if merged is None:
+            merged = RequestOutput(out.request_id)
+        merged.extend(out)
+    if merged is None:
+        raise ValueError("no outputs to merge")
+    return merged
 
 
 class OutputProcessor:

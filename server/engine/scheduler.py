@@ -49,13 +49,20 @@ class Scheduler:
         self.waiting: list[Request] = []  # in Request.order
         self.running: list[Request] = []  # in Request.order
         self.requests: dict[str, Request] = {}
-        self.paused: set[str] = set()  # running requests that get no tokens for now (the engine sets it)
+        self.paused: set[str] = set()  # running requests that get no tokens for now (pause / resume)
         self.num_preemptions = 0
         self._arrivals = 0
         self._finished_since_plan: list[str] = []
         self._finished_outside_step: list[RequestDelta] = []
 
     # ----------------------------------------------------------------- intake
+    def pause(self, request_id: str) -> None:
+        """Give this running request no tokens until resumed; it keeps its blocks and its place."""
+        self.paused.add(request_id)
+
+    def resume(self, request_id: str) -> None:
+        self.paused.discard(request_id)
+
     def add_request(self, request: Request) -> None:
         if request.request_id in self.requests:
             raise DuplicateRequestError(f"request_id: {request.request_id!r} is already in use by a request in flight")
@@ -96,6 +103,10 @@ class Scheduler:
     @property
     def num_waiting(self) -> int:
         return len(self.waiting)
+
+    @property
+    def num_paused(self) -> int:
+        return len(self.paused)
 
     # --------------------------------------------------------------- schedule
     def schedule(self) -> SchedulerOutput:

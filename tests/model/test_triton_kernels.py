@@ -40,7 +40,7 @@ def _check_decode(
     q = qk.to(device, dtype)[:, :num_heads]
     seq_lens = torch.tensor(lens, dtype=torch.int32, device=device)
     scale = head_dim**-0.5
-    out = decode.paged_decode_attention(
+    out = decode.split_paged_decode_attention(
         q, cache, tables.to(device), seq_lens, scale, num_splits=splits, window=window, softcap=softcap
     )
     assert out.shape == q.shape and out.dtype == dtype

@@ -12,8 +12,8 @@ from types import SimpleNamespace
 import pytest
 
 from attnserve.server.api.errors import ErrorKind, ServiceError
+from attnserve.server.api.records import ChatTurn, GenerationRequest
 from attnserve.server.api.serving import GenerationService
-from attnserve.server.api.validation import ChatTurn, GenerationRequest
 from attnserve.server.config import parse_config
 from attnserve.server.engine.records import EngineInfo
 from attnserve.server.metrics import Metrics
@@ -111,3 +111,38 @@ def test_served_model_names_from_flags_and_environment() -> None:
     assert flags.engine.served_model_names == ("mine", "other")
     env = parse_config(["--model", "dummy:tiny"], environ={"ATTNSERVE_SERVED_MODEL_NAME": "a, b"})
     assert env.engine.served_model_names == ("a", "b")
+
+
+def test_whole_response_merges_each_completion_in_order_and_keeps_the_totals() -> None:
+    """The one accumulator both doors' unary answers (and Engine.generate) are built with."""
+    from attnserve.server.api.serving import CompletionDelta, WholeResponse
+    from attnserve.server.engine.outputs import RequestOutput, Timings, Usage
+    from attnserve.server.engine.request import FinishReason
+
+    first = RequestOutput("r#1", [5], "a")
+    deltas = [
+        CompletionDelta("r", 1, first),
+        CompletionDelta("r", 0, RequestOutput("r#0", [1, 2], "he")),
+        CompletionDelta("r", 0, RequestOutput("r#0", [3], "llo", finish_reason=FinishReason.STOP, stop_reason=3)),
+        CompletionDelta(
+            "r",
+            1,
+            RequestOutput("r#1", [6], "b", finish_reason=FinishReason.LENGTH),
+            usage=Usage(4, 5, 0),
+            timings=Timings(0.1, 0.2, 0.3),
+        ),
+    ]
+    whole = WholeResponse("")
+    for delta in deltas:
+        whole.add(delta)
+    (i0, c0), (i1, c1) = whole.completions
+    assert (i0, c0.token_ids, c0.text, c0.finish_reason, c0.stop_reason) == (
+        0,
+        [1, 2, 3],
+        "hello",
+        FinishReason.STOP,
+        3,
+    )
+    assert (i1, c1.token_ids, c1.text, c1.finish_reason) == (1, [5, 6], "ab", FinishReason.LENGTH)
+    assert whole.request_id == "r" and whole.usage == Usage(4, 5, 0) and whole.timings == Timings(0.1, 0.2, 0.3)
+    assert first.token_ids == [5] and first.text == "a"  # the deltas themselves are left as they were

@@ -15,8 +15,8 @@ import pytest
 from attnserve.client import AttnserveError, Client
 from attnserve.model.tokenizer import CHATML_TEMPLATE, Tokenizer
 from attnserve.server.api.prompts import render_chat
+from attnserve.server.api.records import ChatTurn, Prompt
 from attnserve.server.api.tools import HERMES, LLAMA3, MISTRAL, ToolCallParser, ToolSpec, parse_whole
-from attnserve.server.api.validation import ChatTurn, Prompt
 from attnserve.v1 import generate_pb2 as pb
 from tests.server.server_process import ServerProcess
 

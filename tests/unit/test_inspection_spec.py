@@ -6,14 +6,8 @@ import dataclasses
 
 from attnserve.server.api import inspection
 from attnserve.server.api.inspection import AblationSpec, InspectionSpec, LensSpec, ResidualSpec, SteeringSpec
-from attnserve.server.api.validation import (
-    CheckedRequest,
-    GenerationRequest,
-    RequestLimits,
-    ServingRules,
-    fit_prompt,
-    validate,
-)
+from attnserve.server.api.records import CheckedRequest, GenerationRequest, RequestLimits, ServingRules
+from attnserve.server.api.validation import fit_prompt, validate
 from attnserve.server.engine.request import SteerPositions, WeightsDtype
 from tests.server.test_serving import INFO
 

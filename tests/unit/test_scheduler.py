@@ -257,14 +257,14 @@ def test_paused_request_keeps_its_blocks_and_gets_no_tokens() -> None:
     a = add(s, "a", 4)
     add(s, "b", 4)
     run(s, s.schedule())
-    s.paused.add("a")
+    s.pause("a")
     blocks = list(a.block_table)
     for _ in range(3):
         plan = s.schedule()
         assert [i.request_id for i in plan.requests] == ["b"]
         run(s, plan)
     assert a.block_table == blocks and a.num_computed_tokens == 4 and a.output_token_ids == [7]
-    s.paused.discard("a")
+    s.resume("a")
     assert "a" in [i.request_id for i in s.schedule().requests]
 
 
