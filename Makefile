@@ -113,8 +113,8 @@ bench-gpu: install  ## on a GPU: decode steps of an 8B shape (batch 1 and 64 at 
 bench-hostile: install model  ## the hostile-input cases against a real server, with its RSS
 	$(PY) bench/hostile_rss.py
 
-SOAK_MINUTES ?= 30
-soak: install model  ## mixed load for SOAK_MINUTES (a quarter with attention, slow and vanished readers): the RSS curve
+SOAK_MINUTES ?= 60
+soak: install model  ## mixed load for SOAK_MINUTES (60; a quarter with attention, slow and vanished readers): the RSS curve
 	$(PY) bench/soak.py --minutes $(SOAK_MINUTES)
 
 CONTAINER ?= $(shell command -v podman || command -v docker)

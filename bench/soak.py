@@ -1,6 +1,6 @@
 """Soak: mixed load for a long time, with the server's RSS sampled throughout.
 
-    python bench/soak.py --minutes 30 [--model PATH] [--clients 8]
+    python bench/soak.py --minutes 60 [--model PATH] [--clients 8]      # make soak
 
 Clients run closed loops of random requests: a quarter ask for attention (random layers, head
 reduction and prompt rows), some read their streams slowly, some never read and hang up later,
@@ -12,6 +12,7 @@ reserved attention memory. At the end: the RSS curve, its ceiling against the co
 from __future__ import annotations
 
 import argparse
+import math
 import random
 import sys
 import threading
@@ -55,10 +56,20 @@ def one_request(client: Client, rng: random.Random, outcomes: Counter[str]) -> N
         outcomes[exc.code.name] += 1
 
 
+def five_minute_table(curve: list[tuple[float, float]]) -> str:
+    """The curve as a two-row table: the last sample up to every fifth minute (the README's form)."""
+    marks: dict[int, float] = {}
+    for minute, rss in curve:
+        marks[5 * math.ceil(minute / 5)] = rss
+    heads = " | ".join(str(m) for m in marks)
+    values = " | ".join(f"{r:.0f}" for r in marks.values())
+    return f"| minute | {heads} |\n|---|{'---|' * len(marks)}\n| RSS MB | {values} |"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=str(default_model_path()))
-    p.add_argument("--minutes", type=float, default=30.0)
+    p.add_argument("--minutes", type=float, default=60.0)
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--attention-memory-budget", default="512MiB")
     args = p.parse_args()
@@ -82,15 +93,15 @@ def main() -> None:
     print(f"RSS after warm-up {baseline:.0f} MB; budget {args.attention_memory_budget} of attention memory on top")
     print("| minute | RSS MB | running | waiting | paused | KV usage | attention reserved MB |")
     print("|---|---|---|---|---|---|---|")
-    curve = []
+    curve: list[tuple[float, float]] = []  # (minute, RSS MB)
     started = time.monotonic()
     while any(t.is_alive() for t in threads):
         time.sleep(10)
-        rss = server.rss_mb()
-        curve.append(rss)
+        rss, minute = server.rss_mb(), (time.monotonic() - started) / 60
+        curve.append((minute, rss))
         m = server.metric
         print(
-            f"| {(time.monotonic() - started) / 60:.1f} | {rss:.0f} | {m('attnserve_num_requests_running'):.0f} | "
+            f"| {minute:.1f} | {rss:.0f} | {m('attnserve_num_requests_running'):.0f} | "
             f"{m('attnserve_num_requests_waiting'):.0f} | {m('attnserve_num_requests_paused'):.0f} | "
             f"{m('attnserve_kv_cache_usage_perc'):.2f} | {m('attnserve_attention_memory_reserved_bytes') / 1e6:.1f} |",
             flush=True,
@@ -98,7 +109,9 @@ def main() -> None:
     time.sleep(2)
     m = server.metric
     print(f"\noutcomes: {dict(outcomes)}")
-    print(f"RSS: warm-up {baseline:.0f} MB, max {max(curve):.0f} MB, last {curve[-1]:.0f} MB")
+    rss = [r for _, r in curve]
+    print(f"RSS: warm-up {baseline:.0f} MB, max {max(rss):.0f} MB, last {rss[-1]:.0f} MB")
+    print(five_minute_table(curve))
     print(
         f"at the end: running {m('attnserve_num_requests_running'):.0f}, "
         f"KV usage {m('attnserve_kv_cache_usage_perc')}, "

@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import os
 
-# Room for one step's shapes (q/k/v, o, gate/up, down, the head; a mixture-of-experts layer's
-# experts each at their own M) with some to spare, so a run of same-sized steps always hits.
+# Room for a dense model's step (q/k/v, o, gate/up, down, the head: 5 shapes at one M) many times
+# over, so same-sized steps always hit; a mixture-of-experts layer runs each expert at its own M
+# (not measured: raise the variables if its steps rebuild primitives). Bound: ~64 x 0.5-1 MB.
 DEFAULT_CAPACITY = 64
 CAPACITY_VARIABLES = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "LRU_CACHE_CAPACITY")
 
