@@ -216,7 +216,9 @@ def worker_main(spec: RankSpec, rank: int) -> None:
     _die_with_parent()
     logging.basicConfig(level=spec.log_level, format=f"%(asctime)s %(levelname)s rank-{rank} %(name)s %(message)s")
     from attnserve.model.loader import load_model, parse_dtype
+    from attnserve.model.native_caches import cap_primitive_caches
 
+    cap_primitive_caches()  # before the first linear, as build_engine does on rank 0
     tp, commands = join_group(spec, rank)
     dtype = parse_dtype(spec.dtype) if spec.dtype else None
     loaded = load_model(spec.model, device=spec.rank_device(rank), dtype=dtype, tp=tp)
