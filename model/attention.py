@@ -428,9 +428,10 @@ def explicit_sequences(
     out = torch.empty_like(q)
     for seq, (start, n) in enumerate(zip(meta.query_starts, meta.query_lens, strict=True)):
         k, v = context_kv(layer_cache, meta.block_table(seq), meta.seq_lens[seq])  # (Hkv, L, D)
-        weights = explicit_weights(q[start : start + n].transpose(0, 1), k, scale=scale, window=window, softcap=softcap)
-        v = v.repeat_interleave(q.shape[1] // v.shape[0], dim=0).float()
-        out[start : start + n] = torch.matmul(weights, v).transpose(0, 1).to(q.dtype)
+        rows, _ = explicit_attention(
+            q[start : start + n].transpose(0, 1), k, v, scale=scale, window=window, softcap=softcap
+        )
+        out[start : start + n] = rows.transpose(0, 1)
     return out
 
 
@@ -577,14 +578,20 @@ def explicit_weights(
 
 
 def explicit_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """softmax(q·Kᵀ·scale + causal mask)·V with the weights kept.
 
     q: (H, n, D) are the last n of the L positions in k, v: (Hkv, L, D).
     Returns the output (H, n, D) in q's dtype and the weights (H, n, L) in float32.
     """
-    weights = explicit_weights(q, k, scale=scale)
+    weights = explicit_weights(q, k, scale=scale, window=window, softcap=softcap)
     v = v.repeat_interleave(q.shape[0] // v.shape[0], dim=0).float()  # (H, L, D)
     return torch.matmul(weights, v).to(q.dtype), weights
 
