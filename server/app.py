@@ -10,6 +10,7 @@ process exits 1 at once (the group cannot go on without it; the supervisor resta
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import os
@@ -33,8 +34,7 @@ from attnserve.server.metrics import Metrics
 from attnserve.v1 import generate_pb2, generate_pb2_grpc
 
 if TYPE_CHECKING:
-    from attnserve.model.parallel import TensorParallel
-    from attnserve.server.engine.core import Engine, RunnerFactory
+    from attnserve.server.engine.core import Engine
     from attnserve.server.engine.parallel import RankSpec
     from attnserve.server.http_server import HttpServer
 
@@ -148,26 +148,27 @@ class Server:
 
         c = self.config
         dtype = parse_dtype(c.dtype) if c.dtype else None
-        tp, runner_factory = self._join_ranks()
-        load = functools.partial(load_model, c.model, device=c.device, dtype=dtype, tp=tp)
-        return build_engine(load, c.engine, runner_factory).start()
-
-    def _join_ranks(self) -> tuple[TensorParallel | None, RunnerFactory]:
-        """Tensor parallelism: start the workers and join them as rank 0 (else: one device, as ever)."""
+        if c.parallel.tensor_parallel_size == 1:
+            load = functools.partial(load_model, c.model, device=c.device, dtype=dtype)
+            return build_engine(load, c.engine).start()
         from attnserve.server.engine.parallel import DrivingRunner, start_driver
-        from attnserve.server.engine.runner import ModelRunner
 
-        if self.config.parallel.tensor_parallel_size == 1:
-            return None, ModelRunner
-        tp, group = start_driver(rank_spec(self.config), on_failure=self.report_rank_failure)
-        return tp, functools.partial(DrivingRunner, group=group)
+        # Tensor parallelism: start the workers and join them as rank 0.
+        tp, group = start_driver(rank_spec(c), on_failure=self.report_rank_failure)
+        load = functools.partial(load_model, c.model, device=c.device, dtype=dtype, tp=tp)
+        try:
+            return build_engine(load, c.engine, functools.partial(DrivingRunner, group=group)).start()
+        except BaseException:  # the load failed here (its reason is reported): the workers are no failure
+            group.abandon()
+            raise
 
     def report_rank_failure(self, reason: str) -> None:
         """Called from any thread: a rank is gone; serve() takes the server down."""
         log.critical("%s", reason)
         if self._loop is not None and not self.rank_failure.is_set():
             self.rank_failure_reason = reason
-            self._loop.call_soon_threadsafe(self.rank_failure.set)
+            with contextlib.suppress(RuntimeError):  # the loop already closed: the process is ending anyway
+                self._loop.call_soon_threadsafe(self.rank_failure.set)
 
     async def fail_fast(self) -> None:
         """NOT_SERVING, calls refused, no drain: the model cannot run without the lost rank."""
@@ -240,11 +241,12 @@ async def serve(config: ServerConfig) -> int:
         if failed.done():
             await server.fail_fast()
             return EXIT_RANK_FAILED
-    except ModelLoadError as exc:
+    except (ModelLoadError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        if server.grpc_server is not None:  # bound before the load: stopped here, not left to a closed loop
+            await server.grpc_server.stop(grace=None)
+        if server.http is not None:
+            await server.http.stop()
         return 2
     await server.drain_and_stop()
     return 0

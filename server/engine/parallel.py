@@ -21,6 +21,7 @@ import multiprocessing.connection
 import os
 import signal
 import socket
+import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -30,6 +31,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from attnserve.model.errors import ModelLoadError
 from attnserve.model.llama import LlamaForCausalLM
 from attnserve.model.parallel import TensorParallel
 from attnserve.server.engine.config import CacheConfig, ParallelConfig
@@ -111,6 +113,12 @@ class RankGroup:
 
         if sentinels:
             threading.Thread(target=body, name="attnserve-rank-watch", daemon=True).start()
+
+    def abandon(self) -> None:
+        """End the workers without a word (rank 0 failed to start: they may not be listening yet)."""
+        self._closed = True
+        for worker in self._workers:
+            worker.kill()
 
     def close(self, timeout: float = 10.0) -> None:
         """Tell the workers to exit and wait for them (the server is shutting down)."""
@@ -221,7 +229,11 @@ def worker_main(spec: RankSpec, rank: int) -> None:
     cap_primitive_caches()  # before the first linear, as build_engine does on rank 0
     tp, commands = join_group(spec, rank)
     dtype = parse_dtype(spec.dtype) if spec.dtype else None
-    loaded = load_model(spec.model, device=spec.rank_device(rank), dtype=dtype, tp=tp)
+    try:
+        loaded = load_model(spec.model, device=spec.rank_device(rank), dtype=dtype, tp=tp)
+    except ModelLoadError as exc:  # one line, not a traceback: rank 0 reports the same reason
+        log.error("rank %d cannot load its shard: %s", rank, exc)
+        sys.exit(2)
     runner = ModelRunner(loaded.model, spec.cache, batch_invariant=spec.batch_invariant)
     runner.is_driver = False
     log.info("tensor parallel: rank %d of %d serving its shard", rank, spec.world_size)

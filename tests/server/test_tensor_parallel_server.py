@@ -143,6 +143,15 @@ def test_a_killed_worker_turns_the_server_not_serving_and_it_exits_non_zero(tmp_
     assert "NOT_SERVING: exiting with code 1" in server.log()
 
 
+def test_a_size_that_does_not_split_the_model_is_refused_in_one_line(tmp_path: Path) -> None:
+    server = ServerProcess(["--model", MODEL, "--tensor-parallel-size", "3"]).start(tmp_path / "three.log")
+    assert server.proc is not None
+    assert server.proc.wait(timeout=120) == 2
+    log = server.log()
+    assert "error: tensor parallel size 3 does not divide its 4 query heads" in log
+    assert "Traceback" not in log and "CRITICAL" not in log  # the workers ended quietly, no failure reported
+
+
 def test_sigterm_stops_every_rank_and_exits_zero(tmp_path: Path) -> None:
     server = _server(tmp_path, "drained", "--dtype", "float32", "--tensor-parallel-size", "2")
     assert server.proc is not None
